@@ -1,0 +1,78 @@
+"""Figures for one configuration and for the study, drawn with matplotlib (no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from study.data import NUM_CLASSES  # noqa: E402
+
+
+def learning_curves(history: dict[str, list[float]], title: str) -> Figure:
+    """Loss and accuracy per epoch, train vs validation."""
+    epochs = np.arange(1, len(history["train_loss"]) + 1)
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+        axis.plot(epochs, history[f"train_{metric}"], marker="o", label="train")
+        axis.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{title}: learning curves")
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str) -> Figure:
+    """Counts of true digit (rows) vs predicted digit (columns) on the test set."""
+    counts = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    figure, axis = plt.subplots(figsize=(6, 5.5))
+    image = axis.imshow(counts, cmap="Blues")
+    for row in range(NUM_CLASSES):
+        for column in range(NUM_CLASSES):
+            value = counts[row, column]
+            color = "white" if value > counts.max() / 2 else "black"
+            axis.text(column, row, str(value), ha="center", va="center", fontsize=7, color=color)
+    axis.set_xticks(range(NUM_CLASSES))
+    axis.set_yticks(range(NUM_CLASSES))
+    axis.set_xlabel("predicted digit")
+    axis.set_ylabel("true digit")
+    axis.set_title(f"{title}: test-set confusion matrix")
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return figure
+
+
+def comparison(
+    names: Sequence[str],
+    test_accuracy: Sequence[float],
+    val_curves: Sequence[Sequence[float]],
+) -> Figure:
+    """The configurations side by side: test accuracy bars and the validation curves overlaid."""
+    figure, (bar_axis, curve_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    positions = np.arange(len(names))
+    bars = bar_axis.bar(positions, test_accuracy, color="tab:blue")
+    bar_axis.bar_label(bars, labels=[f"{value:.4f}" for value in test_accuracy], fontsize=8)
+    bar_axis.set_xticks(positions, names, rotation=30, ha="right")
+    finite = [value for value in test_accuracy if np.isfinite(value)]
+    low = min(finite) if finite else 0.0
+    bar_axis.set_ylim(max(0.0, low - 0.02), 1.0)
+    bar_axis.set_ylabel("test accuracy")
+    bar_axis.set_title("test accuracy per configuration")
+    for name, curve in zip(names, val_curves):
+        curve_axis.plot(np.arange(1, len(curve) + 1), curve, marker=".", label=name)
+    curve_axis.set_xlabel("epoch")
+    curve_axis.set_ylabel("validation accuracy")
+    curve_axis.set_title("validation accuracy per epoch")
+    curve_axis.grid(alpha=0.3)
+    curve_axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

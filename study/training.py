@@ -1,0 +1,145 @@
+"""Training is a function: a configuration and data in, a result out.
+
+Tracking plugs in from outside through `on_epoch` (called once per finished epoch with that epoch's
+metrics); nothing here knows about MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from study.config import TrainConfig
+from study.data import Dataset
+from study.model import build_model
+
+log = logging.getLogger(__name__)
+
+# Keras's history keys -> our metric keys (see tracking.keys for the full list).
+HISTORY_KEYS = {
+    "loss": "train_loss",
+    "accuracy": "train_accuracy",
+    "val_loss": "val_loss",
+    "val_accuracy": "val_accuracy",
+}
+
+# Run this many optimizer steps per compiled call: the per-batch Python dispatch is what makes plain
+# `fit` slow on small models (benchmarks/README.md). Results are the same as one step per call.
+STEPS_PER_EXECUTION = 64
+
+EpochHook = Callable[[int, dict[str, float]], None]  # (epoch starting at 1, {metric key: value})
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced: the fitted model, its per-epoch history and timing."""
+
+    config: TrainConfig
+    model: keras.Model
+    history: dict[str, list[float]]
+    train_seconds: float
+    diverged: bool = False
+    stopped_reason: str = ""
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history["val_accuracy"])
+
+    @property
+    def best_val_accuracy(self) -> float:
+        values = [value for value in self.history["val_accuracy"] if math.isfinite(value)]
+        return max(values) if values else float("nan")
+
+
+@dataclass
+class Evaluation:
+    """The one look at the test set: loss, accuracy and each image's predicted digit."""
+
+    test_loss: float
+    test_accuracy: float
+    predictions: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+
+
+class _EpochCallback(keras.callbacks.Callback):
+    """Turns Keras's epoch logs into our metric keys, passes them on, and stops on a NaN/inf loss."""
+
+    def __init__(self, on_epoch: EpochHook | None, should_stop: Callable[[int, dict], bool] | None):
+        super().__init__()
+        self.on_epoch = on_epoch
+        self.should_stop = should_stop
+        self.history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS.values()}
+        self.diverged = False
+        self.stopped_reason = ""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {ours: float((logs or {}).get(theirs, float("nan"))) for theirs, ours in HISTORY_KEYS.items()}
+        for key, value in metrics.items():
+            self.history[key].append(value)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch + 1, metrics)
+        if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])):
+            self.diverged = True
+            self.stopped_reason = f"loss became {metrics['train_loss']} at epoch {epoch + 1}"
+            log.warning("Stopping: %s", self.stopped_reason)
+            self.model.stop_training = True
+        elif self.should_stop is not None and self.should_stop(epoch + 1, metrics):
+            self.stopped_reason = f"stopped early after epoch {epoch + 1}"
+            self.model.stop_training = True
+
+
+def train(
+    config: TrainConfig,
+    data: Dataset,
+    on_epoch: EpochHook | None = None,
+    should_stop: Callable[[int, dict], bool] | None = None,
+) -> TrainResult:
+    """Train one configuration on data.x_train, validating every epoch on data.x_val.
+
+    `on_epoch(epoch, metrics)` sees each epoch's train/val loss and accuracy as they finish;
+    `should_stop(epoch, metrics)` may end training early (used by Optuna's pruning).
+    Training also stops by itself when the loss turns NaN or infinite (`diverged`).
+    """
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, steps_per_execution=STEPS_PER_EXECUTION)
+    callback = _EpochCallback(on_epoch, should_stop)
+    started = time.perf_counter()
+    model.fit(
+        data.x_train,
+        data.y_train,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        validation_data=(data.x_val, data.y_val),
+        shuffle=True,
+        verbose=0,
+        callbacks=[callback],
+    )
+    return TrainResult(
+        config=config,
+        model=model,
+        history=callback.history,
+        train_seconds=time.perf_counter() - started,
+        diverged=callback.diverged,
+        stopped_reason=callback.stopped_reason,
+    )
+
+
+def evaluate(model: keras.Model, data: Dataset, batch_size: int = 1024) -> Evaluation:
+    """Evaluate on the test set: called once per final model, never for selection."""
+    probabilities = model.predict(data.x_test, batch_size=batch_size, verbose=0)
+    labels = data.test_labels
+    loss_fn = keras.losses.get(model.loss)
+    test_loss = float(keras.ops.convert_to_numpy(keras.ops.mean(loss_fn(data.y_test, probabilities))))
+    predictions = probabilities.argmax(axis=1)
+    return Evaluation(
+        test_loss=test_loss,
+        test_accuracy=float((predictions == labels).mean()),
+        predictions=predictions,
+        labels=labels,
+    )

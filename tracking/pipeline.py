@@ -1,0 +1,135 @@
+"""The `main` and `train` entry points: train configurations and record everything in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+from tqdm import tqdm
+
+from study import comparison, plots
+from study.config import TrainConfig
+from study.runner import Outcome, run_configs
+from tracking import keys
+from tracking.runs import ConfigRuns, save_figure, top_run, use_experiment
+
+log = logging.getLogger(__name__)
+
+
+def run_study(
+    configs: Sequence[TrainConfig],
+    data: str,
+    seeds: int = 1,
+    workers: int = 0,
+    experiment: str = keys.DEFAULT_EXPERIMENT,
+) -> list[comparison.ConfigResult]:
+    """`main`: every configuration (x seed) as a child of one parent run, then the comparison.
+
+    With one seed a child run is named `{activation}-{loss}`; with several, `{activation}-{loss}-seed{k}`.
+    """
+    first = configs[0]
+    settings = (
+        f"Settings: epochs={first.epochs}, batch_size={first.batch_size}, "
+        f"learning_rate={first.learning_rate}, seed={first.seed}, optimizer=adam."
+    )
+    experiment_id = use_experiment(experiment)
+    run_name = f"study-{datetime.now():%Y%m%d-%H%M%S}"
+    with top_run(run_name, {keys.ENTRY_POINT_TAG: "main"}) as parent:
+        mlflow.log_params(
+            {
+                "epochs": first.epochs,
+                "batch_size": first.batch_size,
+                "learning_rate": first.learning_rate,
+                "seed": first.seed,
+                "seeds": seeds,
+                "data": data,
+                "workers": workers,
+            }
+        )
+        names = {config: config.name if seeds == 1 else f"{config.name}-seed{config.seed}" for config in configs}
+        outcomes = _train_and_log(configs, data, workers, experiment_id, parent.info.run_id, names)
+        results = [_result_row(outcome) for outcome in outcomes]
+        _log_comparison(results, outcomes, settings)
+    print(comparison.results_table(results))
+    return results
+
+
+def run_single(config: TrainConfig, data: str, experiment: str = keys.DEFAULT_EXPERIMENT) -> comparison.ConfigResult:
+    """`train`: one configuration, logged into the top-level run itself (no parent)."""
+    experiment_id = use_experiment(experiment)
+    with top_run(config.name, {keys.ENTRY_POINT_TAG: "train"}):
+        outcomes = _train_and_log([config], data, 1, experiment_id, None, {config: config.name})
+    result = _result_row(outcomes[0])
+    print(comparison.results_table([result]))
+    return result
+
+
+def _train_and_log(
+    configs: Sequence[TrainConfig],
+    data: str,
+    workers: int,
+    experiment_id: str,
+    parent_run_id: str | None,
+    names: dict[TrainConfig, str],
+) -> list[Outcome]:
+    """Train the configurations (maybe in parallel), logging epochs as they come; study order kept."""
+    finished: dict[TrainConfig, Outcome] = {}
+    progress = tqdm(total=sum(config.epochs for config in configs), unit="epoch", desc="study")
+    with ConfigRuns(experiment_id, parent_run_id, names) as runs, progress:
+
+        def on_epoch(config: TrainConfig, epoch: int, metrics: dict[str, float]) -> None:
+            runs.log_epoch(config, epoch, metrics)
+            progress.update(1)
+            progress.set_postfix_str(f"{names[config]} epoch {epoch} val_accuracy {metrics['val_accuracy']:.4f}")
+
+        def on_done(outcome: Outcome) -> None:
+            progress.update(outcome.config.epochs - outcome.epochs_run)  # epochs skipped by a stop
+            runs.log_outcome(outcome)
+            finished[outcome.config] = outcome
+            log.info(
+                "%s: best val_accuracy %.4f, test_accuracy %.4f",
+                names[outcome.config],
+                outcome.best_val_accuracy,
+                outcome.test_accuracy,
+            )
+
+        with tempfile.TemporaryDirectory(prefix="mnist-models-") as model_dir:
+            run_configs(configs, data, on_epoch, on_done, workers=workers, model_dir=model_dir)
+    return [finished[config] for config in configs]
+
+
+def _result_row(outcome: Outcome) -> comparison.ConfigResult:
+    return comparison.ConfigResult(
+        config=outcome.config.name,
+        activation=outcome.config.activation,
+        loss=outcome.config.loss,
+        seed=outcome.config.seed,
+        best_val_accuracy=outcome.best_val_accuracy,
+        test_accuracy=outcome.test_accuracy,
+        test_loss=outcome.test_loss,
+        train_seconds=round(outcome.train_seconds, 2),
+        diverged=outcome.diverged,
+    )
+
+
+def _log_comparison(
+    results: list[comparison.ConfigResult], outcomes: list[Outcome], settings: str
+) -> None:
+    """results.csv, comparison.png, summary.md, tag best_config and metric best_test_accuracy."""
+    winner = comparison.best(results)
+    mlflow.set_tag(keys.BEST_CONFIG_TAG, winner.config)
+    mlflow.log_metric(keys.BEST_TEST_ACCURACY, winner.test_accuracy)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / keys.RESULTS_CSV).write_text(comparison.results_csv(results))
+        (Path(folder) / keys.SUMMARY_MD).write_text(comparison.summary_markdown(results, settings))
+        figure = plots.comparison(
+            [row.config for row in results],
+            [row.test_accuracy for row in results],
+            [outcome.history["val_accuracy"] for outcome in outcomes],
+        )
+        save_figure(figure, Path(folder) / keys.COMPARISON_PNG)
+        mlflow.log_artifacts(folder)
