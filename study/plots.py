@@ -67,7 +67,7 @@ def comparison(
     bar_axis.set_ylim(max(0.0, low - 0.02), 1.0)
     bar_axis.set_ylabel("test accuracy")
     bar_axis.set_title("test accuracy per configuration")
-    for name, curve in zip(names, val_curves):
+    for name, curve in zip(names, val_curves, strict=True):
         curve_axis.plot(np.arange(1, len(curve) + 1), curve, marker=".", label=name)
     curve_axis.set_xlabel("epoch")
     curve_axis.set_ylabel("validation accuracy")
