@@ -97,17 +97,14 @@ def load_npz(path: str | os.PathLike[str]) -> RawMnist:
                 raise DataError(f"{label}: is a single .npy array, expected an .npz archive")
             missing = [key for key in REQUIRED_KEYS if key not in archive.files]
             if missing:
-                raise DataError(
-                    f"{label}: missing key(s) {', '.join(missing)}; required: {', '.join(REQUIRED_KEYS)}"
-                )
+                raise DataError(f"{label}: missing key(s) {', '.join(missing)}; required: {', '.join(REQUIRED_KEYS)}")
             arrays = {key: archive[key] for key in REQUIRED_KEYS}
     except DataError:
         raise
     except ValueError as error:
         if "allow_pickle" in str(error) or "pickle" in str(error).lower():
             raise DataError(
-                f"{label}: holds an object array that would need unpickling; only plain numeric "
-                "arrays are accepted"
+                f"{label}: holds an object array that would need unpickling; only plain numeric arrays are accepted"
             ) from None
         raise DataError(f"{label}: not a readable .npz file ({error})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
@@ -129,17 +126,13 @@ def validate(raw: RawMnist, label: str) -> None:
         if len(images) == 0:
             raise DataError(f"{label}: x_{split} is empty; expected at least one image")
         if len(images) != len(labels):
-            raise DataError(
-                f"{label}: x_{split} has {len(images)} images but y_{split} has {len(labels)} labels"
-            )
+            raise DataError(f"{label}: x_{split} has {len(images)} images but y_{split} has {len(labels)} labels")
         if images.dtype != np.uint8:
             raise DataError(f"{label}: x_{split} has dtype {images.dtype}; expected uint8 (pixels 0..255)")
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{label}: y_{split} has dtype {labels.dtype}; expected integer labels 0..9")
         if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise DataError(
-                f"{label}: y_{split} has labels in {labels.min()}..{labels.max()}; expected 0..9"
-            )
+            raise DataError(f"{label}: y_{split} has labels in {labels.min()}..{labels.max()}; expected 0..9")
     if len(raw.x_train) < MIN_TRAIN_IMAGES:
         raise DataError(
             f"{label}: x_train has {len(raw.x_train)} images; need at least {MIN_TRAIN_IMAGES} "
@@ -164,7 +157,7 @@ def prepare(raw: RawMnist, seed: int) -> Dataset:
 
 def scale(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 784) in [0, 1]."""
-    return (images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
 def one_hot(labels: np.ndarray) -> np.ndarray:

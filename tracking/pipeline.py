@@ -116,9 +116,7 @@ def _result_row(outcome: Outcome) -> comparison.ConfigResult:
     )
 
 
-def _log_comparison(
-    results: list[comparison.ConfigResult], outcomes: list[Outcome], settings: str
-) -> None:
+def _log_comparison(results: list[comparison.ConfigResult], outcomes: list[Outcome], settings: str) -> None:
     """results.csv, comparison.png, summary.md, tag best_config and metric best_test_accuracy."""
     winner = comparison.best(results)
     mlflow.set_tag(keys.BEST_CONFIG_TAG, winner.config)
