@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -106,11 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument(
         "--workers", type=integer("workers", 0), default=0, help="processes training side by side (0 = one per core)"
     )
+    add_registered_model_flag(main)
 
     train = commands.add_parser("train", help="train one configuration")
     train.add_argument("--activation", type=choice("activation", ACTIVATIONS), required=True)
     train.add_argument("--loss", type=choice("loss", LOSSES), required=True)
     add_training_flags(train)
+
+    report = commands.add_parser(
+        "report", help="statistics, verdicts and plots from the finished runs in the tracking store (no training)"
+    )
+    report.add_argument("--experiment", default=None, help="MLflow experiment name (mnist-activation-study)")
+    report.add_argument("--output", default="report", help="folder for statistics.csv, summary.md, plots (report)")
+    add_registry_commands(commands)
+    add_optimize_command(commands)
     return parser
 
 
@@ -130,9 +140,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("predict", "models"):  # the model registry: no training data needed
+        return _dispatch_registry(args)
     from tracking import keys
 
     experiment = args.experiment or keys.DEFAULT_EXPERIMENT
+    if args.command == "report":  # reads the tracking store only: no data, no training
+        from pathlib import Path
+
+        from tracking.report import build_report
+
+        build_report(experiment, Path(args.output))
+        return 0
     load_raw(args.data)  # validate the data before any run starts
     if args.command == "main":
         from tracking.pipeline import run_study
@@ -142,10 +161,187 @@ def _dispatch(args: argparse.Namespace) -> int:
             for config in grid(args.epochs, args.batch_size, args.learning_rate, args.seed)
             for offset in range(args.seeds)
         ]
-        run_study(configs, args.data, seeds=args.seeds, workers=args.workers, experiment=experiment)
+        run_study(
+            configs,
+            args.data,
+            seeds=args.seeds,
+            workers=args.workers,
+            experiment=experiment,
+            registered_model=args.registered_model,
+        )
     elif args.command == "train":
         from tracking.pipeline import run_single
 
         config = TrainConfig(args.activation, args.loss, args.epochs, args.batch_size, args.learning_rate, args.seed)
         run_single(config, args.data, experiment=experiment)
+    elif args.command == "optimize":
+        _dispatch_optimize(args, experiment)
     return 0
+
+
+# --- The model registry: `main --registered-model`, `predict`, `models` (tracking/registry.py, tracking/predict.py).
+
+REGISTERED_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def registered_model_name(allow_none: bool) -> Callable[[str], str | None]:
+    """A registered model name usable in `models:/NAME@alias`; `none` -> None (no registration) if allowed."""
+    from tracking import keys
+
+    def parse(text: str) -> str | None:
+        if allow_none and text == keys.NO_REGISTRATION:
+            return None
+        if not REGISTERED_MODEL_PATTERN.fullmatch(text):
+            extra = ", or none to register nothing" if allow_none else ""
+            raise argparse.ArgumentTypeError(
+                f"registered_model: {text!r} is not allowed; use letters, digits, '_', '.', '-' "
+                f"(up to 100, starting with a letter or digit){extra}"
+            )
+        return text
+
+    return parse
+
+
+def add_registered_model_flag(parser: argparse.ArgumentParser) -> None:
+    from tracking import keys
+
+    parser.add_argument(
+        "--registered-model",
+        type=registered_model_name(allow_none=True),
+        default=keys.DEFAULT_REGISTERED_MODEL,
+        help="register each configuration's model as a version of this registered model; none = off (mnist-mlp)",
+    )
+
+
+def add_registry_commands(commands) -> None:
+    from tracking import keys
+
+    predict = commands.add_parser("predict", help="classify digit images with a logged or registered model")
+    predict.add_argument(
+        "--model",
+        default=keys.DEFAULT_PREDICT_MODEL,
+        help="MLflow model URI, e.g. models:/mnist-mlp@relu-hinge, models:/mnist-mlp/3 (models:/mnist-mlp@champion)",
+    )
+    predict.add_argument(
+        "--input",
+        required=True,
+        help="a PNG/JPEG image of a digit, a folder of them, or an .npz/.npy array of 28x28 images",
+    )
+    predict.add_argument("--output", default="", help="also write the predictions to this CSV file (none)")
+
+    models = commands.add_parser("models", help="list the registered versions with aliases and accuracies")
+    models.add_argument(
+        "--registered-model",
+        type=registered_model_name(allow_none=False),
+        default=keys.DEFAULT_REGISTERED_MODEL,
+        help="registered model to list (mnist-mlp)",
+    )
+
+
+def _dispatch_registry(args: argparse.Namespace) -> int:
+    """`predict` and `models`: their lookup failures are usage errors (one line, exit code 2)."""
+    if args.command == "predict":
+        from tracking.predict import ModelNotFoundError, run_predict
+
+        if not args.model.strip():
+            raise UsageError("model: is empty; pass an MLflow model URI such as models:/mnist-mlp@champion")
+        try:
+            return run_predict(args.model, args.input, args.output or None)
+        except (ModelNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from None
+    from tracking.registry import RegistryError, version_rows, versions_table
+
+    try:
+        rows = version_rows(args.registered_model)
+    except RegistryError as error:
+        raise UsageError(str(error)) from None
+    print(versions_table(args.registered_model, rows))
+    return 0
+
+
+# --- Tuning with Optuna: `optimize` (study/objective.py, tracking/optimize.py).
+
+
+def checked(check: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a validator that raises ConfigError (argparse would hide its message)."""
+
+    def parse(text: str) -> object:
+        try:
+            return check(text)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def add_optimize_command(commands) -> None:
+    from study import objective
+
+    optimize = commands.add_parser(
+        "optimize", help="tune learning rate and epochs per configuration with Optuna (resumable, many workers)"
+    )
+    optimize.add_argument(
+        "--configs",
+        type=checked(objective.parse_configs),
+        default=objective.parse_configs("all"),
+        help="all, or comma-separated {activation}-{loss} names, e.g. relu-crossentropy,tanh-hinge (all)",
+    )
+    optimize.add_argument(
+        "--n-trials",
+        type=integer("n_trials", 1),
+        default=objective.DEFAULT_N_TRIALS,
+        help="finished (complete + pruned) trials per configuration, over all workers and reruns (20)",
+    )
+    optimize.add_argument(
+        "--max-epochs",
+        type=integer("max_epochs", 1),
+        default=objective.DEFAULT_MAX_EPOCHS,
+        help="upper end of the epochs searched; the lower end is min(5, max_epochs) (40)",
+    )
+    optimize.add_argument(
+        "--storage",
+        type=checked(objective.check_storage),
+        default=objective.DEFAULT_STORAGE,
+        help="Optuna storage: sqlite:///file.db (one machine) or postgresql://user@host/db (sqlite:///optuna.db)",
+    )
+    optimize.add_argument(
+        "--study-prefix",
+        type=checked(objective.check_study_prefix),
+        default=objective.DEFAULT_STUDY_PREFIX,
+        help="study name = prefix + {activation}-{loss} (mnist-)",
+    )
+    optimize.add_argument("--seed", type=integer("seed", 0), default=DEFAULT_SEED, help="sampler and weight seed (0)")
+    optimize.add_argument(
+        "--batch-size", type=integer("batch_size", 1), default=DEFAULT_BATCH_SIZE, help="minibatch size (32)"
+    )
+    optimize.add_argument(
+        "--data", default="auto", help="'auto' ($MNIST_NPZ if set, else Keras's download) or a path to an mnist.npz"
+    )
+    optimize.add_argument(
+        "--timeout",
+        type=integer("timeout", 0),
+        default=objective.DEFAULT_TIMEOUT,
+        help="seconds after which this worker starts no new trial; 0 = no limit (0)",
+    )
+    optimize.add_argument("--experiment", default=None, help="MLflow experiment name (mnist-activation-study)")
+
+
+def _dispatch_optimize(args: argparse.Namespace, experiment: str) -> None:
+    from study.objective import OptimizeSettings, hide_password, open_storage_or_explain
+
+    settings = OptimizeSettings(
+        configs=args.configs,
+        n_trials=args.n_trials,
+        max_epochs=args.max_epochs,
+        storage=args.storage,
+        study_prefix=args.study_prefix,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        data=args.data,
+        timeout=args.timeout,
+    )
+    open_storage_or_explain(settings)  # an unreachable database is a usage error, before any run starts
+    log.info("Optimizing %s in %s", ", ".join(settings.configs), hide_password(settings.storage))
+    from tracking.optimize import run_optimize
+
+    run_optimize(settings, experiment=experiment)

@@ -22,6 +22,10 @@ KERAS_LOSSES: dict[str, str] = {
     "hinge": "categorical_hinge",
 }
 
+# The loss of a model that guesses uniformly (p = 0.1 per digit): ln 10 for crossentropy, 1 for the
+# multi-class hinge. A training loss still above it after two epochs means training diverged.
+CHANCE_LOSS: dict[str, float] = {"crossentropy": math.log(10), "hinge": 1.0}
+
 HIDDEN_UNITS: tuple[int, ...] = (128, 64)
 OPTIMIZER = "adam"
 

@@ -91,10 +91,14 @@ def load_npz(path: str | os.PathLike[str]) -> RawMnist:
         raise DataError(f"{label}: is a directory; pass a path to an .npz file")
     if file.stat().st_size == 0:
         raise DataError(f"{label}: is empty; expected an .npz file with keys {', '.join(REQUIRED_KEYS)}")
+    with open(file, "rb") as handle:
+        magic = handle.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{label}: is a single .npy array, expected an .npz archive")
+    if not zipfile.is_zipfile(file):
+        raise DataError(f"{label}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{label}: is a single .npy array, expected an .npz archive")
             missing = [key for key in REQUIRED_KEYS if key not in archive.files]
             if missing:
                 raise DataError(f"{label}: missing key(s) {', '.join(missing)}; required: {', '.join(REQUIRED_KEYS)}")

@@ -24,7 +24,7 @@ def build_model(config: TrainConfig, steps_per_execution: int = 1) -> keras.Mode
     layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"))
     model = keras.Sequential(layers, name=f"mlp_{config.activation}_{config.loss}")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=float(config.learning_rate)),
         loss=config.keras_loss,
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,

@@ -76,3 +76,55 @@ def comparison(
     curve_axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def test_accuracy_intervals(
+    names: Sequence[str],
+    means: Sequence[float],
+    lows: Sequence[float],
+    highs: Sequence[float],
+    seed_values: Sequence[Sequence[float]],
+) -> Figure:
+    """Mean test accuracy per configuration with its 95% CI as error bars, and each seed's run as a dot."""
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    positions = np.arange(len(names))
+    means_array = np.asarray(means, dtype=float)
+    lower = np.where(np.isfinite(lows), means_array - np.asarray(lows, dtype=float), 0.0)
+    upper = np.where(np.isfinite(highs), np.asarray(highs, dtype=float) - means_array, 0.0)
+    axis.errorbar(
+        positions, means_array, yerr=[lower, upper], fmt="o", color="tab:blue", capsize=6, label="mean, 95% CI"
+    )
+    for position, values in zip(positions, seed_values, strict=True):
+        jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(len(values))
+        axis.scatter(position + jitter, values, s=12, color="tab:gray", alpha=0.7, zorder=3)
+    axis.scatter([], [], s=12, color="tab:gray", label="one seed")
+    for position, mean in zip(positions, means_array, strict=True):
+        axis.annotate(f"{mean:.4f}", (position, mean), textcoords="offset points", xytext=(10, 0), fontsize=8)
+    axis.set_xticks(positions, names, rotation=30, ha="right")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("test accuracy per configuration (mean and 95% CI over seeds)")
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def validation_bands(
+    names: Sequence[str],
+    means: Sequence[np.ndarray],
+    lows: Sequence[np.ndarray],
+    highs: Sequence[np.ndarray],
+) -> Figure:
+    """Validation accuracy per epoch: the mean over seeds as a line, its 95% CI as a shaded band."""
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for name, mean, low, high in zip(names, means, lows, highs, strict=True):
+        epochs = np.arange(1, len(mean) + 1)
+        (line,) = axis.plot(epochs, mean, marker=".", label=name)
+        axis.fill_between(epochs, low, high, where=np.isfinite(low), color=line.get_color(), alpha=0.2)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation accuracy")
+    axis.set_title("validation accuracy per epoch (mean over seeds, band = 95% CI)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

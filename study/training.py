@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from study.config import TrainConfig
+from study.config import CHANCE_LOSS, TrainConfig
 from study.data import Dataset
 from study.model import build_model
 
@@ -70,8 +70,11 @@ class Evaluation:
 class _EpochCallback(keras.callbacks.Callback):
     """Turns Keras's epoch logs into our metric keys, passes them on, and stops on a NaN/inf loss."""
 
-    def __init__(self, on_epoch: EpochHook | None, should_stop: Callable[[int, dict], bool] | None):
+    def __init__(
+        self, on_epoch: EpochHook | None, should_stop: Callable[[int, dict], bool] | None, chance_loss: float
+    ):
         super().__init__()
+        self.chance_loss = chance_loss
         self.on_epoch = on_epoch
         self.should_stop = should_stop
         self.history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS.values()}
@@ -84,14 +87,27 @@ class _EpochCallback(keras.callbacks.Callback):
             self.history[key].append(value)
         if self.on_epoch is not None:
             self.on_epoch(epoch + 1, metrics)
-        if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])):
+        reason = divergence(epoch + 1, metrics, self.chance_loss)
+        if reason:
             self.diverged = True
-            self.stopped_reason = f"loss became {metrics['train_loss']} at epoch {epoch + 1}"
-            log.warning("Stopping: %s", self.stopped_reason)
+            self.stopped_reason = reason
+            log.warning("Stopping: %s", reason)
             self.model.stop_training = True
         elif self.should_stop is not None and self.should_stop(epoch + 1, metrics):
             self.stopped_reason = f"stopped early after epoch {epoch + 1}"
             self.model.stop_training = True
+
+
+def divergence(epoch: int, metrics: dict[str, float], chance_loss: float) -> str:
+    """Why training diverged ('' if it did not): a NaN/inf loss, or from epoch 2 on a training loss
+    still worse than guessing uniformly (Keras clips probabilities, so a blown-up softmax stays finite).
+    """
+    loss = metrics["train_loss"]
+    if not (math.isfinite(loss) and math.isfinite(metrics["val_loss"])):
+        return f"loss became {loss} at epoch {epoch}"
+    if epoch >= 2 and loss > chance_loss:
+        return f"training loss {loss:.3f} is worse than guessing ({chance_loss:.3f}) at epoch {epoch}"
+    return ""
 
 
 def train(
@@ -104,11 +120,11 @@ def train(
 
     `on_epoch(epoch, metrics)` sees each epoch's train/val loss and accuracy as they finish;
     `should_stop(epoch, metrics)` may end training early (used by Optuna's pruning).
-    Training also stops by itself when the loss turns NaN or infinite (`diverged`).
+    Training also stops by itself when it diverges (`divergence`), and says why.
     """
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, steps_per_execution=STEPS_PER_EXECUTION)
-    callback = _EpochCallback(on_epoch, should_stop)
+    callback = _EpochCallback(on_epoch, should_stop, CHANCE_LOSS[config.loss])
     started = time.perf_counter()
     model.fit(
         data.x_train,

@@ -11,10 +11,11 @@ from pathlib import Path
 import mlflow
 from tqdm import tqdm
 
-from study import comparison, plots
+from study import comparison, plots, statistics
 from study.config import TrainConfig
 from study.runner import Outcome, run_configs
 from tracking import keys
+from tracking.report import write_outputs
 from tracking.runs import ConfigRuns, save_figure, top_run, use_experiment
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,12 @@ def run_study(
     seeds: int = 1,
     workers: int = 0,
     experiment: str = keys.DEFAULT_EXPERIMENT,
+    registered_model: str | None = keys.DEFAULT_REGISTERED_MODEL,
 ) -> list[comparison.ConfigResult]:
     """`main`: every configuration (x seed) as a child of one parent run, then the comparison.
 
     With one seed a child run is named `{activation}-{loss}`; with several, `{activation}-{loss}-seed{k}`.
+    Each model is registered as a version of `registered_model` (None: not registered).
     """
     first = configs[0]
     settings = (
@@ -48,10 +51,13 @@ def run_study(
                 "seeds": seeds,
                 "data": data,
                 "workers": workers,
+                "registered_model": registered_model or keys.NO_REGISTRATION,
             }
         )
         names = {config: config.name if seeds == 1 else f"{config.name}-seed{config.seed}" for config in configs}
-        outcomes = _train_and_log(configs, data, workers, experiment_id, parent.info.run_id, names)
+        outcomes = _train_and_log(
+            configs, data, workers, experiment_id, parent.info.run_id, names, registered_model=registered_model
+        )
         results = [_result_row(outcome) for outcome in outcomes]
         _log_comparison(results, outcomes, settings)
     print(comparison.results_table(results))
@@ -75,11 +81,12 @@ def _train_and_log(
     experiment_id: str,
     parent_run_id: str | None,
     names: dict[TrainConfig, str],
+    registered_model: str | None = None,
 ) -> list[Outcome]:
     """Train the configurations (maybe in parallel), logging epochs as they come; study order kept."""
     finished: dict[TrainConfig, Outcome] = {}
     progress = tqdm(total=sum(config.epochs for config in configs), unit="epoch", desc="study")
-    with ConfigRuns(experiment_id, parent_run_id, names) as runs, progress:
+    with ConfigRuns(experiment_id, parent_run_id, names, registered_model=registered_model) as runs, progress:
 
         def on_epoch(config: TrainConfig, epoch: int, metrics: dict[str, float]) -> None:
             runs.log_epoch(config, epoch, metrics)
@@ -117,13 +124,18 @@ def _result_row(outcome: Outcome) -> comparison.ConfigResult:
 
 
 def _log_comparison(results: list[comparison.ConfigResult], outcomes: list[Outcome], settings: str) -> None:
-    """results.csv, comparison.png, summary.md, tag best_config and metric best_test_accuracy."""
+    """results.csv, comparison.png, tag best_config and metric best_test_accuracy; the statistics over seeds:
+    statistics.csv, comparisons.csv, summary.md (verdicts), the CI plots and test_accuracy_mean/{config}."""
     winner = comparison.best(results)
     mlflow.set_tag(keys.BEST_CONFIG_TAG, winner.config)
     mlflow.log_metric(keys.BEST_TEST_ACCURACY, winner.test_accuracy)
+    analysis = statistics.analyze(statistics.SeedRun.from_outcome(outcome) for outcome in outcomes)
+    mlflow.log_metrics(
+        {f"{keys.TEST_ACCURACY_MEAN_PREFIX}{row.config}": row.test_accuracy.mean for row in analysis.statistics}
+    )
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / keys.RESULTS_CSV).write_text(comparison.results_csv(results))
-        (Path(folder) / keys.SUMMARY_MD).write_text(comparison.summary_markdown(results, settings))
+        write_outputs(Path(folder), analysis, settings)
         figure = plots.comparison(
             [row.config for row in results],
             [row.test_accuracy for row in results],

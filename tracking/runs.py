@@ -30,6 +30,7 @@ from study.config import TrainConfig
 from study.model import INPUT_SIZE
 from study.runner import Outcome
 from tracking import keys
+from tracking.registry import register_outcome
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,15 @@ class ConfigRuns:
     top-level run itself. Runs still open when the context exits end KILLED or FAILED.
     """
 
-    def __init__(self, experiment_id: str, parent_run_id: str | None, run_names: Mapping[TrainConfig, str]):
+    def __init__(
+        self,
+        experiment_id: str,
+        parent_run_id: str | None,
+        run_names: Mapping[TrainConfig, str],
+        registered_model: str | None = None,
+    ):
         self.client = MlflowClient()
+        self.registered_model = registered_model  # register each logged model as a version of it (None: don't)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.run_names = run_names
@@ -156,16 +164,21 @@ class ConfigRuns:
                 Path(folder) / keys.CONFUSION_MATRIX,
             )
             (Path(folder) / keys.HISTORY).write_text(json.dumps(outcome.history, indent=2))
+            # Per-image test predictions (and labels): McNemar's test in `report` pairs two runs on them.
+            np.save(Path(folder) / keys.TEST_PREDICTIONS, np.asarray(outcome.predictions, dtype=np.int8))
+            np.save(Path(folder) / keys.TEST_LABELS, np.asarray(outcome.labels, dtype=np.int8))
             self.client.log_artifacts(run_id, folder)
-        self.log_model(run_id, outcome.model_path)
+        model_info = self.log_model(run_id, outcome.model_path)
+        if self.registered_model:
+            register_outcome(self.registered_model, model_info, outcome, run_id)
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         del self.open[config]
 
-    def log_model(self, run_id: str, model_path: str) -> None:
+    def log_model(self, run_id: str, model_path: str) -> mlflow.models.model.ModelInfo:
         model = keras.saving.load_model(model_path, safe_mode=True)
         nested = self.parent_run_id is not None
         with mlflow.start_run(run_id=run_id, nested=nested) if nested else contextlib.nullcontext():
-            mlflow.keras.log_model(
+            return mlflow.keras.log_model(
                 model,
                 name=keys.MODEL_NAME,
                 signature=MODEL_SIGNATURE,
