@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 
+from study import interrupts
 from study.config import (
     ACTIVATIONS,
     DEFAULT_BATCH_SIZE,
@@ -29,7 +31,7 @@ from study.data import DataError, load_raw
 log = logging.getLogger("study")
 
 USAGE_ERROR = 2
-INTERRUPTED = 130
+INTERRUPTED = 130  # 128 + SIGINT; SIGTERM exits 143
 
 
 class UsageError(Exception):
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=integer("workers", 0), default=0, help="processes training side by side (0 = one per core)"
     )
     add_registered_model_flag(main)
+    main.add_argument(
+        "--resume",
+        type=choice("resume", ("true", "false")),
+        default="false",
+        help="true: reuse configurations that already have a FINISHED run with identical parameters (false)",
+    )
 
     train = commands.add_parser("train", help="train one configuration")
     train.add_argument("--activation", type=choice("activation", ACTIVATIONS), required=True)
@@ -128,15 +136,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("jax", "absl", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    interrupts.install()
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args)
     except (UsageError, ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: runs in progress were marked KILLED; run the same command again", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        code = interrupt.exit_code if isinstance(interrupt, interrupts.Interrupted) else INTERRUPTED
+        print(
+            f"interrupted ({interrupt or 'SIGINT'}): runs in progress were marked KILLED. "
+            "To resume, run the same command again (main: add --resume true to reuse finished configurations; "
+            "optimize: the same storage continues its studies).",
+            file=sys.stderr,
+        )
+        return code
+
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -168,6 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             workers=args.workers,
             experiment=experiment,
             registered_model=args.registered_model,
+            resume=args.resume == "true",
         )
     elif args.command == "train":
         from tracking.pipeline import run_single
@@ -241,13 +259,13 @@ def add_registry_commands(commands) -> None:
 def _dispatch_registry(args: argparse.Namespace) -> int:
     """`predict` and `models`: their lookup failures are usage errors (one line, exit code 2)."""
     if args.command == "predict":
-        from tracking.predict import ModelNotFoundError, run_predict
+        from tracking.predict import ModelNotFoundError, OutputPathError, run_predict
 
         if not args.model.strip():
             raise UsageError("model: is empty; pass an MLflow model URI such as models:/mnist-mlp@champion")
         try:
             return run_predict(args.model, args.input, args.output or None)
-        except (ModelNotFoundError, ValueError) as error:
+        except (ModelNotFoundError, OutputPathError) as error:
             raise UsageError(str(error)) from None
     from tracking.registry import RegistryError, version_rows, versions_table
 

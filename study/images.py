@@ -167,14 +167,15 @@ def read_array_file(path: Path) -> np.ndarray:
     """An .npy, or an .npz's `x_test` (else its only/first array) -> (N, 28, 28); never unpickles."""
     label = f"input {str(path)!r}"
     try:
-        with np.load(path, allow_pickle=False) as loaded:
-            if isinstance(loaded, np.lib.npyio.NpzFile):
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
                 if not loaded.files:
                     raise InputError(f"{label}: the .npz archive holds no arrays")
                 key = NPZ_KEY if NPZ_KEY in loaded.files else loaded.files[0]
                 images = loaded[key]
-            else:
-                images = np.asarray(loaded)
+        else:
+            images = np.asarray(loaded)
     except InputError:
         raise
     except ValueError as error:

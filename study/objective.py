@@ -128,6 +128,13 @@ def check_study_prefix(prefix: str) -> str:
     return prefix
 
 
+def database_url(storage: str) -> URL:
+    """The URL SQLAlchemy opens: plain `postgresql://` uses psycopg2, the driver requirements.txt pins
+    (SQLAlchemy 2.1 would otherwise look for psycopg 3)."""
+    url = make_url(storage)
+    return url.set(drivername="postgresql+psycopg2") if url.drivername == "postgresql" else url
+
+
 def hide_password(url: str) -> str:
     """The storage URL as it may be logged: any password replaced by ***."""
     return make_url(url).render_as_string(hide_password=True)
@@ -224,7 +231,7 @@ def make_pruner() -> optuna.pruners.BasePruner:
 def report_and_check(trial: optuna.Trial, epoch: int, val_accuracy: float) -> bool:
     """Report one epoch's validation accuracy (step = epoch); True when the pruner says stop here."""
     trial.report(val_accuracy, step=epoch)
-    return trial.should_prune()
+    return bool(trial.should_prune())
 
 
 # --- Tracking hooks ----------------------------------------------------------------------------
@@ -276,6 +283,7 @@ def make_objective(
         config = replace(base, **space.suggest(trial))
         hooks.trial_started(trial, config)
         epochs_run = 0
+        reported: set[int] = set()
         pruned: tuple[int, float] | None = None
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -285,6 +293,7 @@ def make_objective(
 
         def should_stop(epoch: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
+            reported.add(epoch)
             if report_and_check(trial, epoch, metrics["val_accuracy"]):
                 pruned = (epoch, metrics["val_accuracy"])
             return pruned is not None
@@ -297,7 +306,7 @@ def make_objective(
         last_val_accuracy = result.history["val_accuracy"][-1]
         if result.diverged or not math.isfinite(last_val_accuracy):
             trial.set_user_attr(DIVERGED_ATTR, True)
-            if result.epochs_run not in trial.intermediate_values:  # rank it at the epoch it broke
+            if result.epochs_run not in reported:  # rank it (as TPE does pruned trials) at the epoch it broke
                 trial.report(last_val_accuracy, step=result.epochs_run)
             raise DivergedError(f"diverged: {result.stopped_reason or 'validation accuracy is not finite'}")
         if pruned is not None:
@@ -326,7 +335,7 @@ class StorageLock:
     exclusive `flock` on `<database>.lock` (SQLite is only shared by processes on one machine)."""
 
     def __init__(self, storage_url: str):
-        self.url: URL = make_url(storage_url)
+        self.url: URL = database_url(storage_url)
         self._engine = None
 
     @contextlib.contextmanager
@@ -374,7 +383,7 @@ def open_storage(
     with lock.hold("storage"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            settings.storage,
+            database_url(settings.storage).render_as_string(hide_password=False),
             engine_kwargs=engine_kwargs,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
@@ -451,7 +460,9 @@ def claim_trial(study: optuna.Study, n_trials: int, seed: int, lock: StorageLock
         if counts.finished + counts.active >= n_trials:
             return None
         study.sampler = make_sampler(seed, len(trials))  # len(trials) is the number this trial gets
-        trial = study.ask()
+        with warnings.catch_warnings():  # heartbeats are recorded by `run_trial`, as Study.optimize would
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = study.ask()
         storage = study._storage
         if is_heartbeat_enabled(storage):
             storage.record_heartbeat(trial._trial_id)  # from birth, so a worker killed now is noticed too

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from study.data import NUM_CLASSES  # noqa: E402
 
@@ -121,6 +122,9 @@ def validation_bands(
         epochs = np.arange(1, len(mean) + 1)
         (line,) = axis.plot(epochs, mean, marker=".", label=name)
         axis.fill_between(epochs, low, high, where=np.isfinite(low), color=line.get_color(), alpha=0.2)
+        if len(epochs) == 1 and np.isfinite(low[0]):  # a band over one epoch is invisible: an error bar instead
+            axis.errorbar(epochs, mean, yerr=[mean - low, high - mean], color=line.get_color(), capsize=5)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation accuracy")
     axis.set_title("validation accuracy per epoch (mean over seeds, band = 95% CI)")

@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from study import interrupts
 from study.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class Outcome:
     model_path: str
     predictions: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
+    reused_run_id: str = ""  # set when `main --resume true` took this result from an earlier run
 
     @property
     def best_val_accuracy(self) -> float:
@@ -100,6 +103,7 @@ def run_configs(
     model_dir = model_dir or tempfile.mkdtemp(prefix="mnist-models-")
     if workers == 1:
         for config in configs:
+            interrupts.check()
             on_done(train_one(config, data_source, model_dir, on_epoch))
         return
 
@@ -113,6 +117,7 @@ def run_configs(
         pending = [pool.apply_async(_work, (config, data_source, model_dir)) for config in configs]
         remaining = len(configs)
         while remaining:
+            interrupts.check()
             try:
                 kind, payload = messages.get(timeout=0.2)
             except queue_module.Empty:
@@ -134,6 +139,9 @@ def _init_worker(cores, messages) -> None:
     """Pin this worker to one core and make the numeric backends single-threaded (measured faster)."""
     global _messages
     _messages = messages
+    # Ctrl-C reaches the whole process group: the parent handles it (runs end KILLED) and terminates
+    # the pool. SIGTERM keeps its default here, since that is how the pool stops its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     core = cores.get()
     os.sched_setaffinity(0, {core})
     os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

@@ -189,6 +189,8 @@ class Comparison:
         if self.method == NOT_TESTED or math.isnan(self.p_holm):
             return "not tested"
         if self.p_holm >= ALPHA:
+            if self.ci_low > 0 or self.ci_high < 0:  # underpowered: significant alone, not within the family
+                return "no measurable difference after Holm's correction (the uncorrected 95% CI excludes 0)"
             return "no measurable difference"
         if self.difference > 0:
             return f"{self.first_label} is better"

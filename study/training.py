@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from study import interrupts
 from study.config import CHANCE_LOSS, TrainConfig
 from study.data import Dataset
 from study.model import build_model
@@ -81,10 +82,14 @@ class _EpochCallback(keras.callbacks.Callback):
         self.diverged = False
         self.stopped_reason = ""
 
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.check()  # Ctrl-C / SIGTERM stop training here, between batches
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {ours: float((logs or {}).get(theirs, float("nan"))) for theirs, ours in HISTORY_KEYS.items()}
         for key, value in metrics.items():
             self.history[key].append(value)
+        interrupts.check()
         if self.on_epoch is not None:
             self.on_epoch(epoch + 1, metrics)
         reason = divergence(epoch + 1, metrics, self.chance_loss)

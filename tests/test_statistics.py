@@ -280,7 +280,7 @@ def test_report_pools_finished_runs_of_several_parents(tracking_uri: str, tmp_pa
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_with_one_seed_reads_predictions_back(tracking_uri: str, tmp_path: Path) -> None:
+def test_report_one_seed_reads_predictions_and_rejects_unknown_experiment(tracking_uri: str, tmp_path: Path) -> None:
     client = MlflowClient()
     experiment_id = client.create_experiment("one-seed")
     parent = new_parent(client, experiment_id)
@@ -309,12 +309,10 @@ def test_report_with_one_seed_reads_predictions_back(tracking_uri: str, tmp_path
     assert any("crossentropy vs hinge (relu): not tested" in line for line in lines)
     assert all(row["n"] == "1" for row in read_csv(tmp_path / "out" / keys.STATISTICS_CSV))
 
-
-def test_report_rejects_an_unknown_experiment(tracking_uri: str, tmp_path: Path) -> None:
-    result = run_cli("report", "--experiment", "no-such-experiment", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert "experiment: no experiment named 'no-such-experiment'" in result.stderr
+    unknown = run_cli("report", "--experiment", "no-such-experiment", cwd=tmp_path)  # a user's typo
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().count("\n") == 0
+    assert "experiment: no experiment named 'no-such-experiment'" in unknown.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

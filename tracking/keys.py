@@ -21,6 +21,7 @@ BEST_TEST_ACCURACY = "best_test_accuracy"
 CONFIG_TAG = "config"
 CONFIG_HASH_TAG = "config_hash"
 BEST_CONFIG_TAG = "best_config"
+REUSED_RUNS_TAG = "reused_runs"  # on a resumed parent: the run ids whose results it took over
 ENTRY_POINT_TAG = "entry_point"
 DIVERGED_TAG = "diverged"
 STOPPED_REASON_TAG = "stopped_reason"

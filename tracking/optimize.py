@@ -100,7 +100,10 @@ def run_optimize(settings: OptimizeSettings, experiment: str = keys.DEFAULT_EXPE
     experiment_id = _use_experiment(experiment)
     run_name = f"optimize-{datetime.now():%Y%m%d-%H%M%S}"
     with _sigterm_as_interrupt(), top_run(run_name, {keys.ENTRY_POINT_TAG: "optimize"}) as parent:
-        mlflow.log_params(settings.params())
+        # `mlflow run` has logged its entry-point parameters as given (e.g. configs=all); MLflow refuses
+        # to change a param, so only add the ones it has not.
+        logged = mlflow.get_run(parent.info.run_id).data.params
+        mlflow.log_params({key: value for key, value in settings.params().items() if key not in logged})
         data = prepare(load_raw(settings.data), seed=settings.seed)
         with TrialRuns(experiment_id, parent.info.run_id) as runs:
             studies = optimize_studies(settings, data, runs)
@@ -155,7 +158,8 @@ class TrialRuns(TrialHooks):
     def epoch_finished(self, trial: optuna.Trial, epoch: int, metrics: Mapping[str, float]) -> None:
         run_id = self.open[(trial.study.study_name, trial.number)]
         timestamp = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()])
+        batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
+        self.client.log_batch(run_id, metrics=batch)
 
     def keep_model(self, trial: optuna.Trial, model: keras.Model) -> None:
         """The native .keras file as an artifact of the trial's run: any worker can load it back."""
@@ -319,9 +323,11 @@ def _save_plots(study: optuna.Study, folder: Path, seed: int) -> None:
     else:
         log.info("%s: parameter importances need 2 complete trials, found 1: skipped", study.study_name)
     for file_name, plot in plots.items():
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # "experimental" notices; flat axes when a parameter never varied
             warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)
             axes = plot()
+        axes.set_title(f"{axes.get_title()}: {study.study_name}")
         figure = axes.figure
         figure.set_size_inches(8, 5)
         figure.tight_layout()
@@ -407,15 +413,14 @@ def tuned_summary_markdown(results: Sequence[TunedResult], settings: OptimizeSet
 
 
 def _ranking(rows: Sequence[TunedResult], field: str) -> str:
+    """`**winner** (validation, test); then the others`, best validation accuracy first."""
     ordered = sorted(rows, key=lambda row: -row.best_val_accuracy)
-    first, rest = ordered[0], ordered[1:]
-    text = f"**{getattr(first, field)}** (validation {first.best_val_accuracy:.4f}, test {_format(first.test_accuracy)})"
-    if rest:
-        text += "; then " + ", ".join(
-            f"{getattr(row, field)} (validation {row.best_val_accuracy:.4f}, test {_format(row.test_accuracy)})"
-            for row in rest
-        )
-    return text
+    described = [
+        f"{getattr(row, field)} (validation {row.best_val_accuracy:.4f}, test {_format(row.test_accuracy)})"
+        for row in ordered
+    ]
+    text = f"**{described[0].replace(' (', '** (', 1)}"
+    return text + ("; then " + ", ".join(described[1:]) if described[1:] else "")
 
 
 def _best(rows: Sequence[TunedResult]) -> TunedResult:

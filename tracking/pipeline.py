@@ -16,6 +16,7 @@ from study.config import TrainConfig
 from study.runner import Outcome, run_configs
 from tracking import keys
 from tracking.report import write_outputs
+from tracking.resume import reusable
 from tracking.runs import ConfigRuns, save_figure, top_run, use_experiment
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,12 @@ def run_study(
     workers: int = 0,
     experiment: str = keys.DEFAULT_EXPERIMENT,
     registered_model: str | None = keys.DEFAULT_REGISTERED_MODEL,
+    resume: bool = False,
 ) -> list[comparison.ConfigResult]:
     """`main`: every configuration (x seed) as a child of one parent run, then the comparison.
+
+    With `resume`, configurations that already have a FINISHED run with identical parameters in the
+    experiment are taken from that run instead of being trained again (tag `reused_runs` on the parent).
 
     With one seed a child run is named `{activation}-{loss}`; with several, `{activation}-{loss}-seed{k}`.
     Each model is registered as a version of `registered_model` (None: not registered).
@@ -55,9 +60,15 @@ def run_study(
             }
         )
         names = {config: config.name if seeds == 1 else f"{config.name}-seed{config.seed}" for config in configs}
-        outcomes = _train_and_log(
-            configs, data, workers, experiment_id, parent.info.run_id, names, registered_model=registered_model
+        reused = reusable(experiment_id, list(configs)) if resume else {}
+        if reused:
+            mlflow.set_tag(keys.REUSED_RUNS_TAG, ",".join(outcome.reused_run_id for outcome in reused.values()))
+        to_train = [config for config in configs if config not in reused]
+        trained = _train_and_log(
+            to_train, data, workers, experiment_id, parent.info.run_id, names, registered_model=registered_model
         )
+        by_config = {**reused, **{outcome.config: outcome for outcome in trained}}
+        outcomes = [by_config[config] for config in configs]
         results = [_result_row(outcome) for outcome in outcomes]
         _log_comparison(results, outcomes, settings)
     print(comparison.results_table(results))
@@ -85,6 +96,8 @@ def _train_and_log(
 ) -> list[Outcome]:
     """Train the configurations (maybe in parallel), logging epochs as they come; study order kept."""
     finished: dict[TrainConfig, Outcome] = {}
+    if not configs:
+        return []
     progress = tqdm(total=sum(config.epochs for config in configs), unit="epoch", desc="study")
     with ConfigRuns(experiment_id, parent_run_id, names, registered_model=registered_model) as runs, progress:
 

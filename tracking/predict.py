@@ -6,7 +6,9 @@ The model is loaded with `mlflow.pyfunc.load_model` (any MLflow model URI: `mode
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import os
 import sys
@@ -28,6 +30,10 @@ class ModelNotFoundError(LookupError):
     """The model URI names nothing that can be loaded; the message says which and why."""
 
 
+class OutputPathError(ValueError):
+    """The CSV output cannot be written where asked; the message says why."""
+
+
 @dataclass(frozen=True)
 class Prediction:
     file: str
@@ -36,14 +42,14 @@ class Prediction:
 
 
 def check_output(output: str | None) -> Path | None:
-    """The CSV path to write (None for none); ValueError if it cannot be written there."""
+    """The CSV path to write (None for none); OutputPathError if it cannot be written there."""
     if not output:
         return None
     path = Path(output)
     if path.is_dir():
-        raise ValueError(f"output: {output!r} is a folder; pass a CSV file path (or nothing for none)")
+        raise OutputPathError(f"output: {output!r} is a folder; pass a CSV file path (or nothing for none)")
     if not path.parent.exists():
-        raise ValueError(f"output: folder {str(path.parent)!r} does not exist; create it or pass another path")
+        raise OutputPathError(f"output: folder {str(path.parent)!r} does not exist; create it or pass another path")
     return path
 
 
@@ -66,7 +72,8 @@ def load_model(model_uri: str):
 
 def classify(model, digits: Digits) -> list[Prediction]:
     """Run the model on the prepared rows: the most probable digit of each image and its probability."""
-    probabilities = np.asarray(model.predict(digits.pixels), dtype=np.float64)
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras's progress bar: not among the prediction lines
+        probabilities = np.asarray(model.predict(digits.pixels), dtype=np.float64)
     if probabilities.shape != (len(digits.names), 10):
         raise ValueError(f"the model returned shape {probabilities.shape}; expected ({len(digits.names)}, 10)")
     digits_found = probabilities.argmax(axis=1)
@@ -94,7 +101,7 @@ def write_csv(predictions: list[Prediction], path: Path) -> None:
 def run_predict(model_uri: str, input_path: str, output: str | None = None) -> int:
     """Read the input, load the model, print (and maybe write) predictions; the process's exit code.
 
-    Bad output path, missing input, and a model that cannot be loaded raise (ValueError, InputError,
+    Bad output path, missing input, and a model that cannot be loaded raise (OutputPathError, InputError,
     ModelNotFoundError) before anything is printed; unreadable files in a folder are reported on stderr
     and give exit code 1 after the readable ones were classified.
     """

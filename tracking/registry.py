@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
@@ -115,13 +115,26 @@ def register_version(
         f"test accuracy {test_accuracy:.4f}"
     )
     version = client.create_model_version(
-        registered_model, model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id
+        registered_model,
+        model_uri,
+        run_id=run_id,
+        tags=tags,
+        description=description,
+        model_id=model_id or logged_model_id(model_uri),  # a tracking server requires it for models:/m-...
     )
     log.info("Registered %s as %s version %s (%s)", model_uri, registered_model, version.version, config.name)
     if run_id:
         client.set_tag(run_id, keys.REGISTERED_VERSION_TAG, f"{registered_model}/{version.version}")
     update_aliases(registered_model, version, client)
     return version
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """`models:/m-0123...` (a logged model's URI) -> `m-0123...`; None for any other URI."""
+    rest = model_uri.removeprefix("models:/")
+    if rest != model_uri and rest.startswith("m-") and not any(mark in rest for mark in "/@"):
+        return rest
+    return None
 
 
 def update_aliases(registered_model: str, new: ModelVersion, client: MlflowClient | None = None) -> str:
@@ -206,12 +219,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 def all_versions(registered_model: str, client: MlflowClient | None = None) -> list[ModelVersion]:
     """Every version of the registered model (all pages), oldest first; RegistryError if there is no such model."""
     client = client or MlflowClient()
-    try:
-        client.get_registered_model(registered_model)
-    except MlflowException as error:
-        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise RegistryError(_no_such_model(client, registered_model)) from None
-        raise
+    get_registered_model(registered_model, client)
     escaped = registered_model.replace("'", "\\'")
     versions: list[ModelVersion] = []
     page_token = None
@@ -224,6 +232,17 @@ def all_versions(registered_model: str, client: MlflowClient | None = None) -> l
     return sorted(versions, key=lambda version: int(version.version))
 
 
+def get_registered_model(registered_model: str, client: MlflowClient | None = None) -> RegisteredModel:
+    """The registered model, or RegistryError naming the ones there are."""
+    client = client or MlflowClient()
+    try:
+        return client.get_registered_model(registered_model)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise RegistryError(_no_such_model(client, registered_model)) from None
+        raise
+
+
 def _no_such_model(client: MlflowClient, name: str) -> str:
     names = sorted(model.name for model in client.search_registered_models(max_results=100))
     known = f"registered: {', '.join(names)}" if names else "nothing is registered yet (run main first)"
@@ -232,13 +251,18 @@ def _no_such_model(client: MlflowClient, name: str) -> str:
 
 def version_rows(registered_model: str) -> list[VersionRow]:
     """The registered versions with their aliases, configuration and accuracies."""
+    client = MlflowClient()
+    aliases: dict[str, list[str]] = {}
+    for alias, version in get_registered_model(registered_model, client).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
     rows = []
-    for version in all_versions(registered_model):
+    for version in all_versions(registered_model, client):
         tags = version.tags
+        names = set(aliases.get(str(version.version), ())) | set(version.aliases or ())
         rows.append(
             VersionRow(
                 version=int(version.version),
-                aliases=tuple(sorted(version.aliases or (), key=lambda alias: (alias != keys.CHAMPION_ALIAS, alias))),
+                aliases=tuple(sorted(names, key=lambda alias: (alias != keys.CHAMPION_ALIAS, alias))),
                 activation=tags.get(keys.VERSION_ACTIVATION_TAG, "?"),
                 loss=tags.get(keys.VERSION_LOSS_TAG, "?"),
                 seed=tags.get(keys.VERSION_SEED_TAG, "?"),

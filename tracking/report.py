@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 from mlflow.entities import Run
@@ -25,7 +26,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from study import plots, statistics
 from study.config import ConfigError, parse_config_name
 from tracking import keys
-from tracking.runs import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ def build_report(experiment: str, output: Path) -> statistics.Analysis:
     chosen, others = groups[0], groups[1:]
     parents = {run.data.tags.get(MLFLOW_PARENT_RUN_ID) for run in chosen.runs}
     analysis = statistics.analyze(load_seed_runs(client, chosen.runs))
+    sources = _data_sources(client, parents)
+    if len(sources) > 1:
+        analysis.notes.append(
+            "The pooled runs' parents name different data sources (" + ", ".join(sorted(sources)) + "): "
+            "check they are the same data before trusting the pooled numbers."
+        )
     settings = f"Settings: {chosen.describe()}, optimizer=adam."
     source = (
         f"Rebuilt by `report` from experiment {experiment!r}: {len(chosen.runs)} finished child runs of "
@@ -192,6 +198,17 @@ def _load_predictions(run_id: str) -> tuple[np.ndarray | None, np.ndarray | None
     return arrays[0], arrays[1]
 
 
+def _data_sources(client: MlflowClient, parent_ids: set[str]) -> set[str]:
+    """The `data` parameter of each parent run (`main` logs it there, not on the children)."""
+    sources = set()
+    for parent_id in parent_ids:
+        try:
+            sources.add(client.get_run(parent_id).data.params.get("data", "unknown"))
+        except MlflowException:
+            sources.add("unknown")
+    return sources
+
+
 def _is_config_run(run: Run) -> bool:
     tags = run.data.tags
     if MLFLOW_PARENT_RUN_ID not in tags or keys.TEST_ACCURACY not in run.data.metrics:
@@ -201,6 +218,12 @@ def _is_config_run(run: Run) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def save_figure(figure, path: Path) -> None:
+    """As tracking.runs.save_figure, without importing Keras (which tracking.runs needs): `report` starts fast."""
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def _normalized(value: str) -> str:

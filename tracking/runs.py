@@ -12,6 +12,9 @@ import logging
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from study import plots
-from study.config import TrainConfig
+from study.config import ConfigError, TrainConfig
 from study.model import INPUT_SIZE
 from study.runner import Outcome
 from tracking import keys
@@ -51,8 +54,40 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in packages]
 
 
+class StoreUnreachable(ConfigError):
+    """The tracking server or store can't be reached: reported as one line, exit code 2."""
+
+
+def redact(uri: str) -> str:
+    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`: never print or log a password."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_tracking_store(timeout: float = 10.0) -> None:
+    """Fail fast, before any training, when the tracking store can't be reached."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (OSError, urllib.error.URLError) as error:
+            raise StoreUnreachable(
+                f"tracking server {redact(uri)} is unreachable ({error}); start it, or set MLFLOW_TRACKING_URI "
+                "to a reachable server or to sqlite:///mlflow.db"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise StoreUnreachable(f"tracking store {uri}: folder {folder} does not exist")
+
+
 def use_experiment(name: str) -> str:
     """The experiment to log into (mlflow run's, else `name`), tagged for MLflow 3's training-runs UI."""
+    check_tracking_store()
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if experiment_id:
         mlflow.set_experiment(experiment_id=experiment_id)
@@ -111,7 +146,7 @@ class ConfigRuns:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
-        status = RunStatus.KILLED if error_type is KeyboardInterrupt else RunStatus.FAILED
+        status = RunStatus.KILLED if error_type and issubclass(error_type, KeyboardInterrupt) else RunStatus.FAILED
         for config, run_id in self.open.items():
             log.warning("Marking run %s (%s) as %s", run_id, config.name, RunStatus.to_string(status))
             self.client.set_terminated(run_id, RunStatus.to_string(status))
