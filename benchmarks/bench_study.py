@@ -128,6 +128,17 @@ def memory_of(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
+def command_of(pid: int) -> str:
+    """A process's command line, shortened (a spawned worker's is `python -c from multiprocessing...`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            words = handle.read().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(word.decode(errors="replace") for word in words if word)
+    return text[:100]
+
+
 @dataclass
 class Measured:
     """One subprocess: wall time from start to exit, exit code and the peak memory of its process tree."""
@@ -138,13 +149,14 @@ class Measured:
     peak_tree_rss_mb: float  # max over samples of the summed RSS of the process and all its descendants
     peak_tree_pss_mb: float  # the same with PSS (shared library pages counted once overall)
     peak_processes: int  # processes in the tree at the peak
+    peak_breakdown: list[dict[str, object]]  # each process's RSS at the RSS peak: where the memory goes
     largest_process_rss_mb: float  # exact ru_maxrss: the largest single process (itself or a reaped descendant)
 
 
 def run_measured(command: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> Measured:
     """Run `command` with output to `log_path`, timing it and sampling its process tree's memory."""
     stop = threading.Event()
-    peak = {"rss": 0, "pss": 0, "processes": 0}
+    peak: dict[str, object] = {"rss": 0, "pss": 0, "processes": 0, "breakdown": []}
     with open(log_path, "w") as output:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
@@ -152,10 +164,16 @@ def run_measured(command: list[str], env: dict[str, str], cwd: Path, log_path: P
         def sample() -> None:
             while not stop.is_set():
                 tree = process_tree(process.pid)
+                commands = [command_of(pid) for pid in tree]  # read first: a process may exit meanwhile
                 usage = [memory_of(pid) for pid in tree]
                 rss, pss = sum(u[0] for u in usage), sum(u[1] for u in usage)
                 if rss > peak["rss"]:
-                    peak.update(rss=rss, processes=len([u for u in usage if u[0]]))
+                    breakdown = [
+                        {"command": command, "rss_mb": round(u[0] / 2**20, 1), "pss_mb": round(u[1] / 2**20, 1)}
+                        for command, u in zip(commands, usage, strict=True)
+                        if u[0]
+                    ]
+                    peak.update(rss=rss, processes=len(breakdown), breakdown=breakdown)
                 peak["pss"] = max(peak["pss"], pss)
                 stop.wait(SAMPLE_SECONDS)
 
@@ -178,6 +196,7 @@ def run_measured(command: list[str], env: dict[str, str], cwd: Path, log_path: P
         peak_tree_rss_mb=round(peak["rss"] / 2**20, 1),
         peak_tree_pss_mb=round(peak["pss"] / 2**20, 1),
         peak_processes=peak["processes"],
+        peak_breakdown=peak["breakdown"],
         largest_process_rss_mb=round(usage.ru_maxrss / 1024, 1),
     )
 
@@ -334,9 +353,9 @@ def throughput_child(data_path: str, epochs: int, matmul_size: int) -> dict[str,
     os.environ["OMP_NUM_THREADS"] = "1"
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1):  # one core, one BLAS thread: the resources of one study worker
         peak_one_core = matmul_peak(matmul_size)
-    config_report = numpy_config()
+        config_report = numpy_config()
 
     sys.path.insert(0, str(PROJECT))
     from study.config import TrainConfig  # the `study` package chooses the Keras backend: import it first

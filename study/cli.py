@@ -22,6 +22,7 @@ from study.config import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_SEED,
     LOSSES,
+    MAX_SEED,
     ConfigError,
     TrainConfig,
     grid,
@@ -32,6 +33,9 @@ log = logging.getLogger("study")
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT; SIGTERM exits 143
+MAX_SEEDS = 1000  # seeds per configuration
+MAX_WORKERS = 64  # training processes (each holds its own copy of the data and the framework)
+UNSYNCED = 3  # training finished, but the tracking store was unreachable: results kept for `python -m study sync`
 
 
 class UsageError(Exception):
@@ -45,14 +49,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def integer(name: str, minimum: int) -> Callable[[str], int]:
+def integer(name: str, minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name}: {value} is out of range; must be >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"{name}: {value} is out of range; must be >= {minimum}{upper}")
         return value
 
     return parse
@@ -88,7 +93,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--learning-rate", type=positive_float("learning_rate"), default=DEFAULT_LEARNING_RATE, help="Adam (0.001)"
     )
-    parser.add_argument("--seed", type=integer("seed", 0), default=DEFAULT_SEED, help="random seed (0)")
+    parser.add_argument("--seed", type=integer("seed", 0, MAX_SEED), default=DEFAULT_SEED, help="random seed (0)")
     parser.add_argument(
         "--data",
         default="auto",
@@ -104,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     main = commands.add_parser("main", help="train the six configurations (3 activations x 2 losses)")
     add_training_flags(main)
     main.add_argument(
-        "--seeds", type=integer("seeds", 1), default=1, help="seeds per configuration: seed, seed+1, ... (1)"
+        "--seeds", type=integer("seeds", 1, MAX_SEEDS), default=1, help="seeds per configuration: seed, seed+1, ... (1)"
     )
     main.add_argument(
-        "--workers", type=integer("workers", 0), default=0, help="processes training side by side (0 = one per core)"
+        "--workers",
+        type=integer("workers", 0, MAX_WORKERS),
+        default=0,
+        help="processes training side by side (0 = one per core)",
     )
     add_registered_model_flag(main)
     main.add_argument(
@@ -129,14 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", default="report", help="folder for statistics.csv, summary.md, plots (report)")
     add_registry_commands(commands)
     add_optimize_command(commands)
+    add_sync_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("jax", "absl", "alembic", "mlflow.store.db.utils"):
+    for noisy in ("jax", "absl", "alembic", "mlflow.store.db.utils", "urllib3.connectionpool"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from tracking.keys import MLFLOW_HTTP_DEFAULTS  # constants only: mlflow is not imported yet
+
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():  # a dead tracking server costs seconds per call, not minutes
+        os.environ.setdefault(name, value)
     interrupts.install()
     try:
         args = build_parser().parse_args(argv)
@@ -155,10 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
 
-
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("predict", "models"):  # the model registry: no training data needed
         return _dispatch_registry(args)
+    if args.command == "sync":  # uploads kept results: no training data needed
+        return _dispatch_sync(args)
     from tracking import keys
 
     experiment = args.experiment or keys.DEFAULT_EXPERIMENT
@@ -171,13 +185,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     load_raw(args.data)  # validate the data before any run starts
     if args.command == "main":
-        from tracking.pipeline import run_study
-
-        configs = [
+        configs = [  # validated (e.g. the last seed's range) before the slow imports below
             config.with_seed(args.seed + offset)
             for config in grid(args.epochs, args.batch_size, args.learning_rate, args.seed)
             for offset in range(args.seeds)
         ]
+        from tracking.pipeline import run_study
+
         run_study(
             configs,
             args.data,
@@ -194,7 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_single(config, args.data, experiment=experiment)
     elif args.command == "optimize":
         _dispatch_optimize(args, experiment)
-    return 0
+    return _unsynced_exit_code()
 
 
 # --- The model registry: `main --registered-model`, `predict`, `models` (tracking/registry.py, tracking/predict.py).
@@ -328,7 +342,9 @@ def add_optimize_command(commands) -> None:
         default=objective.DEFAULT_STUDY_PREFIX,
         help="study name = prefix + {activation}-{loss} (mnist-)",
     )
-    optimize.add_argument("--seed", type=integer("seed", 0), default=DEFAULT_SEED, help="sampler and weight seed (0)")
+    optimize.add_argument(
+        "--seed", type=integer("seed", 0, MAX_SEED), default=DEFAULT_SEED, help="sampler and weight seed (0)"
+    )
     optimize.add_argument(
         "--batch-size", type=integer("batch_size", 1), default=DEFAULT_BATCH_SIZE, help="minibatch size (32)"
     )
@@ -363,3 +379,55 @@ def _dispatch_optimize(args: argparse.Namespace, experiment: str) -> None:
     from tracking.optimize import run_optimize
 
     run_optimize(settings, experiment=experiment)
+
+
+# --- Results kept while the tracking store was unreachable: `sync` (tracking/unsynced.py, tracking/sync.py).
+
+
+def add_sync_command(commands) -> None:
+    from tracking import keys
+
+    sync = commands.add_parser(
+        "sync", help="upload results kept locally while the tracking store was unreachable (then delete them)"
+    )
+    sync.add_argument(
+        "--folder",
+        default=None,
+        help=f"folder of unsynced records (${keys.UNSYNCED_DIR_ENV}, else ./{keys.DEFAULT_UNSYNCED_DIR})",
+    )
+
+
+def _dispatch_sync(args: argparse.Namespace) -> int:
+    """Exit code 0 when every record is in the store (or there was none), UNSYNCED when some are still kept."""
+    from pathlib import Path
+
+    from tracking import unsynced
+
+    folder = Path(args.folder).resolve() if args.folder else unsynced.root()
+    if args.folder and not folder.is_dir():
+        raise UsageError(f"folder: {args.folder!r} is not a folder; pass the folder of unsynced records")
+    from tracking.sync import sync_folder
+
+    report = sync_folder(folder)
+    for record, run_id in report.synced:
+        print(f"synced {record.name} -> run {run_id}")
+    for record, reason in report.failed:
+        print(f"not synced {record.name}: {reason}", file=sys.stderr)
+    if not report.synced and not report.failed:
+        print(f"nothing to sync in {folder}")
+    return UNSYNCED if report.failed else 0
+
+
+def _unsynced_exit_code() -> int:
+    """0, or UNSYNCED with one line on stderr when results had to be kept locally (CI must not pass then)."""
+    from tracking import unsynced
+
+    kept = unsynced.written()
+    if not kept:
+        return 0
+    print(
+        f"error: the tracking store was unreachable: {len(kept)} result record(s) kept in {kept[0].parent} "
+        f"({', '.join(folder.name for folder in kept)}); upload them with `python -m study sync` once it is back",
+        file=sys.stderr,
+    )
+    return UNSYNCED

@@ -33,6 +33,7 @@ DEFAULT_EPOCHS = 20
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LEARNING_RATE = 0.001
 DEFAULT_SEED = 0
+MAX_SEED = 2**32 - 1  # NumPy's and Optuna's seeds are 32-bit: a larger one fails deep inside training
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,7 @@ class TrainConfig:
         check_choice("loss", self.loss, LOSSES)
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_positive_float("learning_rate", self.learning_rate)
 
     @property

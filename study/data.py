@@ -97,6 +97,13 @@ def load_npz(path: str | os.PathLike[str]) -> RawMnist:
         raise DataError(f"{label}: is a single .npy array, expected an .npz archive")
     if not zipfile.is_zipfile(file):
         raise DataError(f"{label}: not a readable .npz file (not a zip archive)")
+    try:  # NumPy reads a member's bytes without checking its CRC: damaged pixels would load as valid ones
+        with zipfile.ZipFile(file) as archive:
+            damaged = archive.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as error:
+        raise DataError(f"{label}: not a readable .npz file ({error.__class__.__name__}: {error})") from None
+    if damaged:
+        raise DataError(f"{label}: not a readable .npz file ({damaged} is damaged: its checksum does not match)")
     try:
         with np.load(file, allow_pickle=False) as archive:
             missing = [key for key in REQUIRED_KEYS if key not in archive.files]
@@ -131,6 +138,8 @@ def validate(raw: RawMnist, label: str) -> None:
             raise DataError(f"{label}: x_{split} is empty; expected at least one image")
         if len(images) != len(labels):
             raise DataError(f"{label}: x_{split} has {len(images)} images but y_{split} has {len(labels)} labels")
+        if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+            raise DataError(f"{label}: x_{split} holds NaN or infinite pixels; expected uint8 pixels 0..255")
         if images.dtype != np.uint8:
             raise DataError(f"{label}: x_{split} has dtype {images.dtype}; expected uint8 (pixels 0..255)")
         if not np.issubdtype(labels.dtype, np.integer):

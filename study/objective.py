@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import re
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -266,18 +267,62 @@ class TrialHooks:
         """A trial whose worker stopped sending heartbeats was marked FAIL."""
 
 
+# --- Ctrl-C and SIGTERM ------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM while a model trains: finish the epoch, then end the trial as FAIL (interrupted).
+
+    Raising KeyboardInterrupt in the middle of a training step or a database write can be swallowed or
+    leave a connection half-way; stopping at the epoch boundary is always clean. A second signal, or one
+    that arrives while no model trains, interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False
+
+    def handle(self, signum: int, frame) -> None:
+        if self.training and not self.requested:
+            self.requested = True
+            log.warning("%s: stopping at the end of this epoch; send it again to stop now", signal.strsignal(signum))
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignal]:
+        """Handle SIGINT and SIGTERM here (main thread only); the previous handlers come back afterwards."""
+        previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped at an epoch boundary because of Ctrl-C or SIGTERM."""
+
+
 # --- The objective -----------------------------------------------------------------------------
 
 
 def make_objective(
-    base: TrainConfig, data: Dataset, space: SearchSpace, hooks: TrialHooks | None = None
+    base: TrainConfig,
+    data: Dataset,
+    space: SearchSpace,
+    hooks: TrialHooks | None = None,
+    stop: StopSignal | None = None,
 ) -> Callable[[optuna.Trial], float]:
     """An Optuna objective: train `base` with the trial's learning rate and epochs, return the last
     epoch's validation accuracy (the model those settings produce). Raises TrialPruned when pruned or
-    when the loss turns NaN/inf (`DivergedError`); records epochs run and the reason as user attrs."""
+    when training diverges (`DivergedError`: NaN/inf loss, or worse than guessing); records epochs run."""
     from study.training import train  # keras loads here, not when the CLI validates its input
 
     hooks = hooks or TrialHooks()
+    stop = stop or StopSignal()
 
     def objective(trial: optuna.Trial) -> float:
         config = replace(base, **space.suggest(trial))
@@ -293,15 +338,22 @@ def make_objective(
 
         def should_stop(epoch: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
+            if stop.requested:
+                return True
             reported.add(epoch)
             if report_and_check(trial, epoch, metrics["val_accuracy"]):
                 pruned = (epoch, metrics["val_accuracy"])
             return pruned is not None
 
+        stop.training = True
         try:
-            result = train(config, data, on_epoch=on_epoch, should_stop=should_stop)
+            # last-epoch weights: the trial's value is its last epoch's validation accuracy
+            result = train(config, data, on_epoch=on_epoch, should_stop=should_stop, restore_best=False)
         finally:
+            stop.training = False
             trial.set_user_attr(EPOCHS_RUN_ATTR, epochs_run)
+        if stop.requested:
+            raise Interrupted(f"stopped after epoch {epochs_run} of {config.epochs}")
         trial.set_user_attr(TRAIN_SECONDS_ATTR, round(result.train_seconds, 2))
         last_val_accuracy = result.history["val_accuracy"][-1]
         if result.diverged or not math.isfinite(last_val_accuracy):
@@ -478,16 +530,15 @@ def run_trial(
     raised again once recorded (a FAIL frees the slot for the next run to try again).
     """
     error: BaseException | None = None
-    value: float | None = None
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
-            value = objective(trial)
-            outcome = TrialOutcome(TrialState.COMPLETE, value, "")
+            outcome = TrialOutcome(TrialState.COMPLETE, objective(trial), "")
         except optuna.TrialPruned as pruned:
             outcome = TrialOutcome(TrialState.PRUNED, None, str(pruned) or "pruned")
         except KeyboardInterrupt as interrupt:
             error = interrupt
-            outcome = TrialOutcome(TrialState.FAIL, None, "interrupted (Ctrl-C or SIGTERM)", interrupted=True)
+            detail = f": {interrupt}" if str(interrupt) else ""
+            outcome = TrialOutcome(TrialState.FAIL, None, f"interrupted (Ctrl-C or SIGTERM){detail}", interrupted=True)
         except Exception as exception:
             error = exception
             outcome = TrialOutcome(TrialState.FAIL, None, f"{type(exception).__name__}: {exception}")
@@ -514,7 +565,7 @@ def _log_outcome(study_name: str, trial: optuna.Trial, outcome: TrialOutcome) ->
 
 
 def optimize_studies(
-    settings: OptimizeSettings, data: Dataset, hooks: TrialHooks | None = None
+    settings: OptimizeSettings, data: Dataset, hooks: TrialHooks | None = None, stop: StopSignal | None = None
 ) -> dict[str, optuna.Study]:
     """Run trials until every study has n_trials finished ones (or the timeout passes).
 
@@ -528,7 +579,7 @@ def optimize_studies(
     storage = open_storage(settings, lock, hooks.trial_abandoned)
     studies = open_studies(settings, storage, lock)
     space = SearchSpace(settings.max_epochs)
-    objectives = {name: make_objective(settings.base_config(name), data, space, hooks) for name in studies}
+    objectives = {name: make_objective(settings.base_config(name), data, space, hooks, stop) for name in studies}
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
     announced_wait = False
     while time.monotonic() < deadline:

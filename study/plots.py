@@ -23,6 +23,7 @@ def learning_curves(history: dict[str, list[float]], title: str) -> Figure:
         axis.plot(epochs, history[f"train_{metric}"], marker="o", label="train")
         axis.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
@@ -71,6 +72,7 @@ def comparison(
     for name, curve in zip(names, val_curves, strict=True):
         curve_axis.plot(np.arange(1, len(curve) + 1), curve, marker=".", label=name)
     curve_axis.set_xlabel("epoch")
+    curve_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     curve_axis.set_ylabel("validation accuracy")
     curve_axis.set_title("validation accuracy per epoch")
     curve_axis.grid(alpha=0.3)

@@ -38,6 +38,7 @@ class Outcome:
     model_path: str
     predictions: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
+    best_epoch: int = 0  # the epoch whose weights the model holds (best validation accuracy)
     reused_run_id: str = ""  # set when `main --resume true` took this result from an earlier run
 
     @property
@@ -74,6 +75,7 @@ def train_one(config: TrainConfig, data_source: str, model_dir: str, on_epoch: E
         train_seconds=result.train_seconds,
         diverged=result.diverged,
         stopped_reason=result.stopped_reason,
+        best_epoch=result.best_epoch,
         test_loss=evaluation.test_loss,
         test_accuracy=evaluation.test_accuracy,
         model_path=model_path,

@@ -47,6 +47,7 @@ class TrainResult:
     train_seconds: float
     diverged: bool = False
     stopped_reason: str = ""
+    best_epoch: int = 0  # the epoch whose weights the model holds (best validation accuracy)
 
     @property
     def epochs_run(self) -> int:
@@ -69,10 +70,15 @@ class Evaluation:
 
 
 class _EpochCallback(keras.callbacks.Callback):
-    """Turns Keras's epoch logs into our metric keys, passes them on, and stops on a NaN/inf loss."""
+    """Turns Keras's epoch logs into our metric keys, passes them on, stops a diverging run, and keeps
+    the weights of the epoch with the best validation accuracy (restored when training ends)."""
 
     def __init__(
-        self, on_epoch: EpochHook | None, should_stop: Callable[[int, dict], bool] | None, chance_loss: float
+        self,
+        on_epoch: EpochHook | None,
+        should_stop: Callable[[int, dict], bool] | None,
+        chance_loss: float,
+        restore_best: bool,
     ):
         super().__init__()
         self.chance_loss = chance_loss
@@ -81,6 +87,10 @@ class _EpochCallback(keras.callbacks.Callback):
         self.history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS.values()}
         self.diverged = False
         self.stopped_reason = ""
+        self.best_val_accuracy = -math.inf
+        self.best_epoch = 0
+        self.best_weights: list | None = None
+        self.restore_best = restore_best
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         interrupts.check()  # Ctrl-C / SIGTERM stop training here, between batches
@@ -90,6 +100,9 @@ class _EpochCallback(keras.callbacks.Callback):
         for key, value in metrics.items():
             self.history[key].append(value)
         interrupts.check()
+        if metrics["val_accuracy"] > self.best_val_accuracy:  # NaN never compares greater
+            self.best_val_accuracy, self.best_epoch = metrics["val_accuracy"], epoch + 1
+            self.best_weights = self.model.get_weights()
         if self.on_epoch is not None:
             self.on_epoch(epoch + 1, metrics)
         reason = divergence(epoch + 1, metrics, self.chance_loss)
@@ -101,6 +114,10 @@ class _EpochCallback(keras.callbacks.Callback):
         elif self.should_stop is not None and self.should_stop(epoch + 1, metrics):
             self.stopped_reason = f"stopped early after epoch {epoch + 1}"
             self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.restore_best and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
 
 
 def divergence(epoch: int, metrics: dict[str, float], chance_loss: float) -> str:
@@ -120,16 +137,20 @@ def train(
     data: Dataset,
     on_epoch: EpochHook | None = None,
     should_stop: Callable[[int, dict], bool] | None = None,
+    restore_best: bool = True,
 ) -> TrainResult:
     """Train one configuration on data.x_train, validating every epoch on data.x_val.
 
     `on_epoch(epoch, metrics)` sees each epoch's train/val loss and accuracy as they finish;
     `should_stop(epoch, metrics)` may end training early (used by Optuna's pruning).
     Training also stops by itself when it diverges (`divergence`), and says why.
+    The returned model holds the weights of the epoch with the best validation accuracy (`best_epoch`):
+    the checkpoint is chosen on validation data, so the test set is only looked at afterwards.
+    `restore_best=False` keeps the last epoch's weights (Optuna scores a trial by its last epoch).
     """
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, steps_per_execution=STEPS_PER_EXECUTION)
-    callback = _EpochCallback(on_epoch, should_stop, CHANCE_LOSS[config.loss])
+    callback = _EpochCallback(on_epoch, should_stop, CHANCE_LOSS[config.loss], restore_best)
     started = time.perf_counter()
     model.fit(
         data.x_train,
@@ -148,6 +169,7 @@ def train(
         train_seconds=time.perf_counter() - started,
         diverged=callback.diverged,
         stopped_reason=callback.stopped_reason,
+        best_epoch=callback.best_epoch,
     )
 
 

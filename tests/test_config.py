@@ -10,7 +10,9 @@ from study.config import ACTIVATIONS, LOSSES, ConfigError, TrainConfig, config_n
 def test_grid_is_every_activation_times_every_loss():
     configs = grid(epochs=3, batch_size=64, learning_rate=0.01, seed=7)
     assert len(configs) == len(ACTIVATIONS) * len(LOSSES) == 6
-    assert {(c.activation, c.loss) for c in configs} == {(a, l) for a in ACTIVATIONS for l in LOSSES}
+    assert {(c.activation, c.loss) for c in configs} == {
+        (activation, loss) for activation in ACTIVATIONS for loss in LOSSES
+    }
     assert all((c.epochs, c.batch_size, c.learning_rate, c.seed) == (3, 64, 0.01, 7) for c in configs)
     assert config_names() == [
         "tanh-crossentropy",

@@ -9,9 +9,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import PROJECT
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT
 from study.config import config_names
 from tracking import keys
 

@@ -66,3 +66,14 @@ def test_early_stop_hook_ends_training(small_data):
     config = TrainConfig("tanh", "hinge", epochs=4)
     result = train(config, small_data, should_stop=lambda epoch, metrics: epoch >= 2)
     assert result.epochs_run == 2 and result.stopped_reason == "stopped early after epoch 2"
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_the_model_holds_the_best_epochs_weights_unless_asked_for_the_last(small_data, restore_best):
+    config = TrainConfig("sigmoid", "hinge", epochs=3, learning_rate=0.02, seed=1)
+    result = train(config, small_data, restore_best=restore_best)
+    predictions = result.model.predict(small_data.x_val, verbose=0).argmax(axis=1)
+    val_accuracy = (predictions == small_data.y_val.argmax(axis=1)).mean()
+    expected = result.best_val_accuracy if restore_best else result.history["val_accuracy"][-1]
+    assert val_accuracy == pytest.approx(expected, abs=1e-6)
+    assert result.history["val_accuracy"][result.best_epoch - 1] == result.best_val_accuracy

@@ -194,7 +194,7 @@ def test_nan_loss_ends_the_trial_pruned_with_the_reason_and_the_study_goes_on(sm
 
 
 def test_sigterm_ends_the_current_trial_as_fail_and_its_run_killed(small_mnist, tracking_uri, tmp_path):
-    """A real SIGTERM to this process mid-trial: Optuna FAIL, trial and parent runs KILLED, nothing finished."""
+    """A real SIGTERM to this process mid-trial: the epoch ends, then Optuna FAIL, trial and parent runs KILLED."""
     import mlflow
 
     from tracking import keys
@@ -218,6 +218,7 @@ def test_sigterm_ends_the_current_trial_as_fail_and_its_run_killed(small_mnist, 
                         return
 
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # safety net if the signal came late
+    previous_interrupt = signal.getsignal(signal.SIGINT)
     poller = threading.Thread(target=terminate_after_first_epoch, daemon=True)
     try:
         inside.set()
@@ -232,16 +233,20 @@ def test_sigterm_ends_the_current_trial_as_fail_and_its_run_killed(small_mnist, 
 
     (trial,) = optuna.load_study(study_name="mnist-relu-crossentropy", storage=storage).trials
     assert trial.state == TrialState.FAIL
-    assert trial.user_attrs[REASON_ATTR] == "interrupted (Ctrl-C or SIGTERM)"
-    assert 1 <= trial.user_attrs[EPOCHS_RUN_ATTR] < trial.params["epochs"]
+    epochs_run = trial.user_attrs[EPOCHS_RUN_ATTR]
+    assert 1 <= epochs_run < trial.params["epochs"], "stopped at the end of the epoch the signal came in"
+    assert trial.user_attrs[REASON_ATTR] == (
+        f"interrupted (Ctrl-C or SIGTERM): stopped after epoch {epochs_run} of {trial.params['epochs']}"
+    )
     client = mlflow.MlflowClient()
     run = client.get_run(trial.user_attrs[MLFLOW_RUN_ID_ATTR])
     assert run.info.status == "KILLED"
     assert run.data.tags[keys.OPTUNA_TRIAL_STATE_TAG] == "FAIL"
-    assert run.data.tags[keys.OPTUNA_REASON_TAG] == "interrupted (Ctrl-C or SIGTERM)"
+    assert run.data.tags[keys.OPTUNA_REASON_TAG] == trial.user_attrs[REASON_ATTR]
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == epochs_run
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
-    assert signal.getsignal(signal.SIGTERM) is previous
+    assert signal.getsignal(signal.SIGTERM) is previous and signal.getsignal(signal.SIGINT) is previous_interrupt
 
 
 # --- The command end to end: trials, runs, tags, artifacts, resume ------------------------------

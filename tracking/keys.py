@@ -13,6 +13,7 @@ TEST_ACCURACY = "test_accuracy"
 BEST_VAL_ACCURACY = "best_val_accuracy"
 TRAIN_SECONDS = "train_seconds"
 EPOCHS_RUN = "epochs_run"
+BEST_EPOCH = "best_epoch"  # the logged model holds this epoch's weights (best validation accuracy)
 
 # Metrics of the parent (study) run.
 BEST_TEST_ACCURACY = "best_test_accuracy"
@@ -77,3 +78,20 @@ VERSION_SOURCE_TAG = "source"  # main or optimize
 CHAMPION_DECISION_TAG = "champion_decision"  # on the version: why the champion alias moved or stayed
 # Run tag on a configuration's run: `{registered model}/{version}` it was registered as.
 REGISTERED_VERSION_TAG = "registered_model_version"
+
+# Unsynced records (tracking/unsynced.py): results kept locally while the tracking store was unreachable,
+# uploaded later by `python -m study sync`.
+UNSYNCED_DIR_ENV = "MNIST_UNSYNCED_DIR"
+DEFAULT_UNSYNCED_DIR = "unsynced"
+UNSYNCED_RECORD_FILE = "run.json"
+UNSYNCED_ARTIFACTS_DIR = "artifacts"
+UNSYNCED_MODEL_FILE = "model.keras"
+# MLflow's HTTP client retries a failed call 7 times with backoff factor 2 and a 120 s timeout: minutes per
+# call against a dead server. The CLI sets these defaults instead (a user's own settings win), so a dead
+# server costs a second or two per call and the results go to an unsynced record.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}

@@ -8,16 +8,14 @@ tuned_results.csv, Optuna's plots and summary.md on the parent run.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
 import math
-import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +41,7 @@ from study.objective import (
     TRAIN_SECONDS_ATTR,
     OptimizeSettings,
     SearchSpace,
+    StopSignal,
     StorageLock,
     TrialHooks,
     TrialOutcome,
@@ -99,14 +98,14 @@ def run_optimize(settings: OptimizeSettings, experiment: str = keys.DEFAULT_EXPE
     """Tune every configuration in `settings` (resuming its study), then log the results on the parent run."""
     experiment_id = _use_experiment(experiment)
     run_name = f"optimize-{datetime.now():%Y%m%d-%H%M%S}"
-    with _sigterm_as_interrupt(), top_run(run_name, {keys.ENTRY_POINT_TAG: "optimize"}) as parent:
+    with StopSignal().installed() as stop, top_run(run_name, {keys.ENTRY_POINT_TAG: "optimize"}) as parent:
         # `mlflow run` has logged its entry-point parameters as given (e.g. configs=all); MLflow refuses
         # to change a param, so only add the ones it has not.
         logged = mlflow.get_run(parent.info.run_id).data.params
         mlflow.log_params({key: value for key, value in settings.params().items() if key not in logged})
         data = prepare(load_raw(settings.data), seed=settings.seed)
         with TrialRuns(experiment_id, parent.info.run_id) as runs:
-            studies = optimize_studies(settings, data, runs)
+            studies = optimize_studies(settings, data, runs, stop)
         lock = StorageLock(settings.storage)
         results = [_tuned_result(name, study, data, lock) for name, study in studies.items()]
         _log_parent_artifacts(settings, results, studies)
@@ -131,7 +130,8 @@ class TrialRuns(TrialHooks):
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
-        status = RunStatus.KILLED if error_type is KeyboardInterrupt else RunStatus.FAILED
+        interrupted = error_type is not None and issubclass(error_type, KeyboardInterrupt)
+        status = RunStatus.KILLED if interrupted else RunStatus.FAILED
         for (study_name, number), run_id in self.open.items():
             log.warning("Marking %s trial %d's run %s as %s", study_name, number, run_id, RunStatus.to_string(status))
             self.client.set_terminated(run_id, RunStatus.to_string(status))
@@ -170,7 +170,8 @@ class TrialRuns(TrialHooks):
             self.client.log_artifact(run_id, str(path), keys.TRIAL_MODEL_DIR)
 
     def trial_finished(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
-        run_id = self.open.pop((trial.study.study_name, trial.number), None)
+        key = (trial.study.study_name, trial.number)
+        run_id = self.open.get(key)
         if run_id is None:  # interrupted before its run was created
             return
         tags = {keys.OPTUNA_TRIAL_STATE_TAG: outcome.state.name}
@@ -188,6 +189,7 @@ class TrialRuns(TrialHooks):
             tags=[RunTag(key, value) for key, value in tags.items()],
         )
         self.client.set_terminated(run_id, RunStatus.to_string(_run_status(outcome)))
+        del self.open[key]  # only now: if logging failed, __exit__ still closes the run
 
     def trial_abandoned(self, trial: FrozenTrial) -> None:
         """Close the run of a trial whose worker died (it was left RUNNING)."""
@@ -442,22 +444,3 @@ def _use_experiment(name: str) -> str:
         if "already exists" not in str(error).lower() and error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return use_experiment(name)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, a scheduler, `mlflow run` stopping) ends the trial like Ctrl-C: FAIL, runs KILLED.
-
-    One-shot: a second SIGTERM during the clean-up terminates at once.
-    """
-
-    def interrupt(signum: int, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        log.warning("SIGTERM: stopping after recording the current trial as FAIL")
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

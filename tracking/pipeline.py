@@ -17,7 +17,7 @@ from study.runner import Outcome, run_configs
 from tracking import keys
 from tracking.report import write_outputs
 from tracking.resume import reusable
-from tracking.runs import ConfigRuns, save_figure, top_run, use_experiment
+from tracking.runs import ConfigRuns, log_run_results, save_figure, top_run, use_experiment
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,9 @@ def _log_comparison(results: list[comparison.ConfigResult], outcomes: list[Outco
     """results.csv, comparison.png, tag best_config and metric best_test_accuracy; the statistics over seeds:
     statistics.csv, comparisons.csv, summary.md (verdicts), the CI plots and test_accuracy_mean/{config}."""
     winner = comparison.best(results)
-    mlflow.set_tag(keys.BEST_CONFIG_TAG, winner.config)
-    mlflow.log_metric(keys.BEST_TEST_ACCURACY, winner.test_accuracy)
     analysis = statistics.analyze(statistics.SeedRun.from_outcome(outcome) for outcome in outcomes)
-    mlflow.log_metrics(
-        {f"{keys.TEST_ACCURACY_MEAN_PREFIX}{row.config}": row.test_accuracy.mean for row in analysis.statistics}
-    )
+    metrics = {keys.BEST_TEST_ACCURACY: winner.test_accuracy}
+    metrics |= {f"{keys.TEST_ACCURACY_MEAN_PREFIX}{row.config}": row.test_accuracy.mean for row in analysis.statistics}
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / keys.RESULTS_CSV).write_text(comparison.results_csv(results))
         write_outputs(Path(folder), analysis, settings)
@@ -155,4 +152,13 @@ def _log_comparison(results: list[comparison.ConfigResult], outcomes: list[Outco
             [outcome.history["val_accuracy"] for outcome in outcomes],
         )
         save_figure(figure, Path(folder) / keys.COMPARISON_PNG)
-        mlflow.log_artifacts(folder)
+        # If the tracking store is unreachable by now, these go to an unsynced record for `python -m study sync`.
+        parent = mlflow.active_run()
+        log_run_results(
+            parent.info.run_id,
+            parent.info.experiment_id,
+            parent.info.run_name,
+            {keys.BEST_CONFIG_TAG: winner.config},
+            metrics,
+            Path(folder),
+        )

@@ -68,6 +68,13 @@ def load_model(model_uri: str):
         raise ModelNotFoundError(
             f"model: could not load {model_uri!r} ({reason}); see `python -m study models` for registered versions"
         ) from None
+    except ValueError as error:  # Keras's safe_mode (its default) refuses a model that would run code on loading
+        if "safe_mode" not in str(error):
+            raise
+        raise ModelNotFoundError(
+            f"model: {model_uri!r} was refused: loading it would run code stored in it (e.g. a Lambda layer); "
+            "only plain Keras models are accepted"
+        ) from None
 
 
 def classify(model, digits: Digits) -> list[Prediction]:
@@ -83,8 +90,9 @@ def classify(model, digits: Digits) -> list[Prediction]:
     ]
 
 
-def print_predictions(predictions: list[Prediction], stream: TextIO = sys.stdout) -> None:
-    """One line per image: file name, predicted digit, probability."""
+def print_predictions(predictions: list[Prediction], stream: TextIO | None = None) -> None:
+    """One line per image: file name, predicted digit, probability (to stdout unless `stream`)."""
+    stream = stream or sys.stdout
     width = max(len(prediction.file) for prediction in predictions)
     for prediction in predictions:
         print(f"{prediction.file:<{width}}  {prediction.digit}  {prediction.probability:.4f}", file=stream)

@@ -63,23 +63,18 @@ class VersionRow:
 
 
 def register_outcome(registered_model: str, model_info: ModelInfo, outcome: Outcome, run_id: str) -> ModelVersion:
-    """Register a `main` configuration's logged model (its validation accuracy: the final epoch's)."""
+    """Register a `main` configuration's logged model (its validation accuracy: the best epoch's, whose
+    weights the model holds)."""
     return register_version(
         registered_model,
         model_info.model_uri,
         outcome.config,
-        val_accuracy=final_val_accuracy(outcome.history),
+        val_accuracy=outcome.best_val_accuracy,
         test_accuracy=outcome.test_accuracy,
         source="main",
         run_id=run_id,
         model_id=model_info.model_id,
     )
-
-
-def final_val_accuracy(history: dict[str, list[float]]) -> float:
-    """The validation accuracy of the model as it was saved: the last epoch's (NaN if none)."""
-    values = history.get(keys.VAL_ACCURACY) or [float("nan")]
-    return float(values[-1])
 
 
 def register_version(

@@ -7,15 +7,16 @@ Everything that lands in MLflow is written here, explicitly (no autolog), with t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -32,8 +33,9 @@ from study import plots
 from study.config import ConfigError, TrainConfig
 from study.model import INPUT_SIZE
 from study.runner import Outcome
-from tracking import keys
+from tracking import keys, unsynced
 from tracking.registry import register_outcome
+from tracking.reliability import RetryingClient, is_unreachable, outage, redact, store_reachable, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,6 @@ class StoreUnreachable(ConfigError):
     """The tracking server or store can't be reached: reported as one line, exit code 2."""
 
 
-def redact(uri: str) -> str:
-    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`: never print or log a password."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def check_tracking_store(timeout: float = 10.0) -> None:
     """Fail fast, before any training, when the tracking store can't be reached."""
     uri = mlflow.get_tracking_uri()
@@ -80,28 +73,56 @@ def check_tracking_store(timeout: float = 10.0) -> None:
                 "to a reachable server or to sqlite:///mlflow.db"
             ) from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise StoreUnreachable(f"tracking store {uri}: folder {folder} does not exist")
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.parent.is_dir():
+            raise StoreUnreachable(f"tracking store {uri}: folder {database.parent} does not exist")
+        _open_sqlite_store(database)
+
+
+def _open_sqlite_store(database: Path) -> None:
+    """Open (create or migrate) a SQLite store under a file lock beside it: two studies started at the same
+    moment on a new store would otherwise both create its tables ("table ... already exists")."""
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with_retry(MlflowClient().search_experiments, max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def use_experiment(name: str) -> str:
     """The experiment to log into (mlflow run's, else `name`), tagged for MLflow 3's training-runs UI."""
     check_tracking_store()
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if experiment_id:
+    run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`: its run decides the experiment
+    if run_id:
+        experiment_id = with_retry(MlflowClient().get_run, run_id).info.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)
     else:
-        experiment_id = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or name).experiment_id
-    MlflowClient().set_experiment_tag(experiment_id, keys.EXPERIMENT_KIND_TAG, keys.EXPERIMENT_KIND)
+        experiment_id = _set_experiment(name)
+    with_retry(MlflowClient().set_experiment_tag, experiment_id, keys.EXPERIMENT_KIND_TAG, keys.EXPERIMENT_KIND)
     return experiment_id
+
+
+def _set_experiment(name: str) -> str:
+    """`mlflow.set_experiment(name)`, tolerating another study creating the same experiment at the same moment."""
+    for attempt in range(3):
+        try:
+            return with_retry(mlflow.set_experiment, name).experiment_id
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(error).lower():
+                raise
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
 def top_run(run_name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
     """The run `mlflow run` created (MLFLOW_RUN_ID), or a new one named `run_name`.
 
-    Ends FINISHED on success, KILLED on Ctrl-C, FAILED on any other error.
+    Ends FINISHED on success, KILLED on Ctrl-C, FAILED on any other error (if the store can't be reached
+    by then, the status is kept in an unsynced record for `python -m study sync`).
     """
     run_id = os.environ.get("MLFLOW_RUN_ID")
     run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
@@ -111,13 +132,114 @@ def top_run(run_name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_top_run(run, RunStatus.KILLED, run_name)
         raise
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_top_run(run, RunStatus.FAILED, run_name)
         raise
     else:
-        mlflow.end_run()
+        _end_top_run(run, RunStatus.FINISHED, run_name)
+
+
+def _end_top_run(run: mlflow.ActiveRun, status: int, run_name: str) -> None:
+    try:
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as error:
+        if not is_unreachable(error):
+            raise
+        # end_run took the run off the active-run stack before it failed: finish it here, or keep its status
+        end_or_keep(RetryingClient(MlflowClient()), run.info.run_id, status, run_name, run.info.experiment_id)
+
+
+def end_or_keep(
+    client: RetryingClient,
+    run_id: str,
+    status: int,
+    run_name: str,
+    experiment_id: str,
+    parent_run_id: str | None = None,
+) -> None:
+    """Set the run's final status; if the store can't be reached, keep it in an unsynced record (unless this
+    process already keeps a record for that run, which carries the status with it)."""
+    try:
+        client.set_terminated(run_id, RunStatus.to_string(status))
+    except Exception as error:
+        if not is_unreachable(error):
+            raise
+        outage.failed(error, f"ending run {run_name}")
+        if not unsynced.has_record(run_id):
+            record = unsynced.Record(
+                kind=unsynced.STATUS,
+                tracking_uri=mlflow.get_tracking_uri(),
+                experiment_id=experiment_id,
+                run_name=run_name,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                status=RunStatus.to_string(status),
+                reason=str(error),
+            )
+            unsynced.write(record)
+
+
+Step = tuple[str, Callable[[], object]]
+
+
+def attempt(steps: Sequence[Step], what: str) -> tuple[list[str], str]:
+    """Run the logging steps in order; on an unreachable store wait for it (see `Outage.wait`) and go on.
+
+    Returns the names of the steps done and, if some could not be done, why ('' when all were).
+    """
+    done: list[str] = []
+    for name, step in steps:
+        for tries in range(1, 4):
+            try:
+                step()
+                break
+            except Exception as error:
+                if not is_unreachable(error):
+                    raise
+                outage.failed(error, what)
+                if tries == 3 or not outage.wait(mlflow.get_tracking_uri()):
+                    return done, str(error)
+        done.append(name)
+    outage.recovered(f"{what}: done")
+    return done, ""
+
+
+def log_run_results(
+    run_id: str,
+    experiment_id: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    metrics: Mapping[str, float],
+    artifacts: Path,
+) -> Path | None:
+    """Tags, metrics (step 0) and a folder of artifacts for a run that is already created (the parent's
+    results); kept in an unsynced record if the store can't be reached. Returns the record's folder."""
+    client = RetryingClient(MlflowClient())
+    timestamp = int(time.time() * 1000)
+    final = [Metric(key, float(value), timestamp, 0) for key, value in metrics.items()]
+    run_tags = [mlflow.entities.RunTag(key, value) for key, value in tags.items()]
+    steps: list[Step] = [
+        (unsynced.FINAL, lambda: client.log_batch(run_id, metrics=final, tags=run_tags)),
+        (unsynced.ARTIFACTS, lambda: client.log_artifacts(run_id, str(artifacts))),
+    ]
+    done, reason = attempt(steps, f"logging {run_name}'s results")
+    if not reason:
+        return None
+    record = unsynced.Record(
+        kind=unsynced.PARENT,
+        tracking_uri=mlflow.get_tracking_uri(),
+        experiment_id=experiment_id,
+        run_name=run_name,
+        run_id=run_id,
+        tags=dict(tags),
+        final_metrics=unsynced.metric_rows(final),
+        status=RunStatus.to_string(RunStatus.FINISHED),
+        done=done,
+        reason=reason,
+    )
+    return unsynced.write(record, artifacts=artifacts)
 
 
 class ConfigRuns:
@@ -125,6 +247,11 @@ class ConfigRuns:
 
     With a parent, they are nested children; without (`train`), the configuration's run is the
     top-level run itself. Runs still open when the context exits end KILLED or FAILED.
+
+    The store may go away while training goes on (a server restarting, or lost): run creation and epoch
+    metrics are buffered per configuration and flushed on each later call (one warning per outage). A
+    configuration that ends while the store is still unreachable, after a bounded wait, keeps its results
+    in an unsynced record (tracking/unsynced.py) that `python -m study sync` uploads later.
     """
 
     def __init__(
@@ -134,12 +261,15 @@ class ConfigRuns:
         run_names: Mapping[TrainConfig, str],
         registered_model: str | None = None,
     ):
-        self.client = MlflowClient()
+        self.client = RetryingClient(MlflowClient())
         self.registered_model = registered_model  # register each logged model as a version of it (None: don't)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.run_names = run_names
         self.open: dict[TrainConfig, str] = {}
+        self.unlogged: set[TrainConfig] = set()  # runs created whose params and tags are not in the store yet
+        self.pending: dict[TrainConfig, list[Metric]] = {}  # epoch metrics not in the store yet
+        self.epochs: dict[TrainConfig, list[Metric]] = {}  # every epoch metric, for an unsynced record
         self.requirements = pip_requirements()
 
     def __enter__(self) -> ConfigRuns:
@@ -149,65 +279,148 @@ class ConfigRuns:
         status = RunStatus.KILLED if error_type and issubclass(error_type, KeyboardInterrupt) else RunStatus.FAILED
         for config, run_id in self.open.items():
             log.warning("Marking run %s (%s) as %s", run_id, config.name, RunStatus.to_string(status))
-            self.client.set_terminated(run_id, RunStatus.to_string(status))
+            end_or_keep(self.client, run_id, status, self.run_names[config], self.experiment_id, self.parent_run_id)
         self.open.clear()
 
     def run_id(self, config: TrainConfig) -> str:
         """The configuration's run, created (with params and tags) the first time it is asked for."""
-        if config in self.open:
-            return self.open[config]
-        if self.parent_run_id is None:
-            run_id = mlflow.active_run().info.run_id
-        else:
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id}
-            run_id = self.client.create_run(self.experiment_id, run_name=self.run_names[config], tags=tags).info.run_id
-        self.client.log_batch(run_id, params=_params(config), tags=_tags(config))
-        self.open[config] = run_id
+        if config not in self.open:
+            if self.parent_run_id is None:
+                run_id = mlflow.active_run().info.run_id
+            else:
+                tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id}
+                run_id = self.client.create_run(
+                    self.experiment_id, run_name=self.run_names[config], tags=tags
+                ).info.run_id
+            self.open[config] = run_id
+            self.unlogged.add(config)
+        run_id = self.open[config]
+        if config in self.unlogged:
+            self.client.log_batch(run_id, params=_params(config), tags=_tags(config))
+            self.unlogged.discard(config)
         return run_id
 
+    def _flush(self, config: TrainConfig) -> None:
+        """Create the configuration's run if needed and log its buffered epochs; raises if the store can't."""
+        run_id = self.run_id(config)
+        pending = self.pending.get(config)
+        if pending:
+            self.client.log_batch(run_id, metrics=list(pending))
+            pending.clear()
+
+    def _flush_all(self, first: TrainConfig) -> None:
+        """`first`, then every other configuration that has something buffered (they catch up together)."""
+        self._flush(first)
+        for config in list(self.pending):
+            if config != first and (self.pending[config] or config in self.unlogged):
+                self._flush(config)
+
     def log_epoch(self, config: TrainConfig, epoch: int, metrics: Mapping[str, float]) -> None:
-        """One epoch's train/val loss and accuracy, in one call, step = epoch (from 1)."""
+        """One epoch's train/val loss and accuracy, in one call, step = epoch (from 1); buffered while the
+        store can't be reached."""
         timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id(config), metrics=batch)
+        # Keras reports float32: round off the float64 noise (0.94416666...) the UI would show.
+        batch = [Metric(key, round(float(value), 6), timestamp, epoch) for key, value in metrics.items()]
+        self.epochs.setdefault(config, []).extend(batch)
+        self.pending.setdefault(config, []).extend(batch)
+        if outage.down and not store_reachable(mlflow.get_tracking_uri()):
+            return  # a quick probe, not a call that would spend its retries on a store known to be away
+        try:
+            self._flush_all(config)
+        except Exception as error:
+            if not is_unreachable(error):
+                raise
+            outage.failed(error, f"logging {self.run_names[config]} epoch {epoch}")
+        else:
+            outage.recovered("buffered epoch metrics logged")
 
     def log_outcome(self, outcome: Outcome) -> None:
-        """Final metrics, plots, history and the model; then the run ends FINISHED."""
+        """Final metrics, plots, history and the model; then the run ends FINISHED (or, if the store can't
+        be reached, all of it goes to an unsynced record)."""
         config = outcome.config
-        run_id = self.run_id(config)
         final = {
             keys.TEST_LOSS: outcome.test_loss,
             keys.TEST_ACCURACY: outcome.test_accuracy,
             keys.BEST_VAL_ACCURACY: outcome.best_val_accuracy,
             keys.TRAIN_SECONDS: outcome.train_seconds,
             keys.EPOCHS_RUN: outcome.epochs_run,
+            keys.BEST_EPOCH: outcome.best_epoch,
         }
         timestamp = int(time.time() * 1000)
+        final_metrics = [Metric(key, float(value), timestamp, 0) for key, value in final.items()]
         tags = {keys.DIVERGED_TAG: str(outcome.diverged).lower()}
         if outcome.stopped_reason:
             tags[keys.STOPPED_REASON_TAG] = outcome.stopped_reason
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(key, float(value), timestamp, 0) for key, value in final.items()],
-            tags=[mlflow.entities.RunTag(key, value) for key, value in tags.items()],
-        )
+        run_tags = [mlflow.entities.RunTag(key, value) for key, value in tags.items()]
         title = self.run_names[config]
-        with tempfile.TemporaryDirectory() as folder:
-            save_figure(plots.learning_curves(outcome.history, title), Path(folder) / keys.LEARNING_CURVES)
+        models: list[mlflow.models.model.ModelInfo] = []
+        with tempfile.TemporaryDirectory() as temporary:
+            folder = Path(temporary) / keys.UNSYNCED_ARTIFACTS_DIR
+            folder.mkdir()
+            save_figure(plots.learning_curves(outcome.history, title), folder / keys.LEARNING_CURVES)
             save_figure(
                 plots.confusion_matrix(outcome.labels, outcome.predictions, title),
-                Path(folder) / keys.CONFUSION_MATRIX,
+                folder / keys.CONFUSION_MATRIX,
             )
-            (Path(folder) / keys.HISTORY).write_text(json.dumps(outcome.history, indent=2))
+            (folder / keys.HISTORY).write_text(json.dumps(outcome.history, indent=2))
             # Per-image test predictions (and labels): McNemar's test in `report` pairs two runs on them.
-            np.save(Path(folder) / keys.TEST_PREDICTIONS, np.asarray(outcome.predictions, dtype=np.int8))
-            np.save(Path(folder) / keys.TEST_LABELS, np.asarray(outcome.labels, dtype=np.int8))
-            self.client.log_artifacts(run_id, folder)
-        model_info = self.log_model(run_id, outcome.model_path)
-        if self.registered_model:
-            register_outcome(self.registered_model, model_info, outcome, run_id)
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-        del self.open[config]
+            np.save(folder / keys.TEST_PREDICTIONS, np.asarray(outcome.predictions, dtype=np.int8))
+            np.save(folder / keys.TEST_LABELS, np.asarray(outcome.labels, dtype=np.int8))
+            steps: list[Step] = [
+                (unsynced.EPOCHS, lambda: self._flush_all(config)),
+                (unsynced.FINAL, lambda: self.client.log_batch(self.open[config], final_metrics, [], run_tags)),
+                (unsynced.ARTIFACTS, lambda: self.client.log_artifacts(self.open[config], str(folder))),
+                (unsynced.MODEL, lambda: models.append(self.log_model(self.open[config], outcome.model_path))),
+            ]
+            if self.registered_model:
+                steps.append(
+                    (
+                        unsynced.REGISTERED,
+                        lambda: register_outcome(self.registered_model, models[-1], outcome, self.open[config]),
+                    )
+                )
+            finished = RunStatus.to_string(RunStatus.FINISHED)
+            steps.append(("finished", lambda: self.client.set_terminated(self.open[config], finished)))
+            done, reason = attempt(steps, f"logging {title}'s results")
+            if reason:
+                self._keep_unsynced(outcome, final_metrics, tags, folder, done, models, reason)
+        self.open.pop(config, None)
+        self.unlogged.discard(config)
+        self.pending.pop(config, None)
+        self.epochs.pop(config, None)
+
+    def _keep_unsynced(
+        self,
+        outcome: Outcome,
+        final_metrics: list[Metric],
+        tags: Mapping[str, str],
+        artifacts: Path,
+        done: list[str],
+        models: list[mlflow.models.model.ModelInfo],
+        reason: str,
+    ) -> Path:
+        """The configuration's whole result as an unsynced record: what `sync` needs to log it later."""
+        config = outcome.config
+        run_tags = {tag.key: tag.value for tag in _tags(config)} | dict(tags)
+        record = unsynced.Record(
+            kind=unsynced.CONFIGURATION,
+            tracking_uri=mlflow.get_tracking_uri(),
+            experiment_id=self.experiment_id,
+            run_name=self.run_names[config],
+            run_id=self.open.get(config),
+            parent_run_id=self.parent_run_id,
+            params={param.key: param.value for param in _params(config)},
+            tags=run_tags,
+            epoch_metrics=unsynced.metric_rows(self.epochs.get(config, [])),
+            final_metrics=unsynced.metric_rows(final_metrics),
+            status=RunStatus.to_string(RunStatus.FINISHED),
+            config=asdict(config),
+            registered_model=self.registered_model,
+            done=done,
+            model_id=models[-1].model_id if models else None,
+            reason=reason,
+        )
+        return unsynced.write(record, artifacts=artifacts, model_path=outcome.model_path)
 
     def log_model(self, run_id: str, model_path: str) -> mlflow.models.model.ModelInfo:
         model = keras.saving.load_model(model_path, safe_mode=True)
