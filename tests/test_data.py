@@ -58,7 +58,7 @@ MALFORMED = {
     "wrong image dtype": (lambda raw: arrays_of(raw, x_train=raw.x_train.astype(np.float32)), "expected uint8"),
     "NaN pixels": (
         lambda raw: arrays_of(raw, x_test=np.full((50, 28, 28), np.nan, dtype=np.float32)),
-        "x_test has dtype float32; expected uint8",
+        "x_test holds NaN or infinite pixels; expected uint8 pixels 0..255",
     ),
     "float labels": (lambda raw: arrays_of(raw, y_train=raw.y_train.astype(float)), "expected integer labels"),
     "length mismatch": (lambda raw: arrays_of(raw, y_train=raw.y_train[:150]), "200 images but y_train has 150"),

@@ -356,11 +356,12 @@ POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 @pytest.fixture
 def scratch_databases():
     """Two throwaway PostgreSQL databases (Optuna's and MLflow's), dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
+    import psycopg2
+
     try:
         admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
     except psycopg2.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error}")
+        pytest.fail(f"no PostgreSQL at 127.0.0.1:5432 ({error}); .ci/run starts it")
     admin.autocommit = True
     names = [f"optimize_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("optuna", "mlflow")]
     with admin.cursor() as cursor:

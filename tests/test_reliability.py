@@ -28,6 +28,8 @@ from conftest import PROJECT, run_cli
 from mlflow.tracking import MlflowClient
 
 from tracking import keys
+from tracking.runs import StoreUnreachable
+from tracking.sync import sync_folder
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +50,16 @@ def tiny_mnist(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Pa
     path = tmp_path_factory.mktemp("data") / "mnist-tiny.npz"
     np.savez(path, **arrays)
     return path
+
+
+@contextlib.contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """This process logs to `uri` for the block."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def free_port() -> int:
@@ -106,8 +118,8 @@ class TrackingServer:
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
+            try:  # uvicorn waits for idle keep-alive connections: the store is throwaway, don't wait long
+                self.process.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -155,7 +167,7 @@ def lose_server_after_first_epoch(server: TrackingServer, trainer: subprocess.Po
     while epochs_logged(server.database) == already:
         assert trainer.poll() is None, "the trainer ended before its first epoch was logged"
         assert time.monotonic() < deadline, "no epoch was logged within 240 s"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(trainer.pid, signal.SIGSTOP)
     try:
         server.kill()
@@ -178,7 +190,7 @@ def assert_every_epoch(client: MlflowClient, run_id: str, epochs: int) -> None:
 
 def test_server_lost_and_back_mid_training_loses_nothing(server, tiny_mnist, tmp_path):
     server.ensure_running()
-    epochs, experiment = 6, "server-restarted"
+    epochs, experiment = 10, "server-restarted"
     env = study_env(
         MLFLOW_TRACKING_URI=server.url, MNIST_TRACKING_GRACE_SECONDS="180", MNIST_UNSYNCED_DIR=str(tmp_path / "kept")
     )
@@ -209,7 +221,7 @@ def test_server_lost_and_back_mid_training_loses_nothing(server, tiny_mnist, tmp
 
 def test_server_lost_for_good_keeps_results_until_sync(server, tiny_mnist, tmp_path):
     server.ensure_running()
-    epochs, experiment = 4, "server-lost"
+    epochs, experiment = 8, "server-lost"
     kept = tmp_path / "kept"
     env = {"MLFLOW_TRACKING_URI": server.url, "MNIST_TRACKING_GRACE_SECONDS": "1", "MNIST_UNSYNCED_DIR": str(kept)}
     trainer = subprocess.Popen(
@@ -238,9 +250,12 @@ def test_server_lost_for_good_keeps_results_until_sync(server, tiny_mnist, tmp_p
     assert (record / keys.UNSYNCED_MODEL_FILE).is_file()
     assert (record / keys.UNSYNCED_ARTIFACTS_DIR / keys.HISTORY).is_file()
 
-    # Nothing uploads while the server is still away: exit 2 naming it, the record untouched.
-    refused = run_cli("sync", cwd=tmp_path, env=env, timeout=120)
-    assert refused.returncode == 2 and f"tracking server {server.url} is unreachable" in refused.stderr
+    # Nothing uploads while the server is still away (the CLI's exit code 2 naming it), the record untouched.
+    with (
+        tracking_uri(server.url),
+        pytest.raises(StoreUnreachable, match=f"tracking server {server.url} is unreachable"),
+    ):
+        sync_folder(kept)
     assert record.is_dir()
 
     server.start()
@@ -249,8 +264,9 @@ def test_server_lost_for_good_keeps_results_until_sync(server, tiny_mnist, tmp_p
     assert synced.returncode == 0, synced.stderr[-3000:]
     assert f"synced {record.name} -> run {saved['run_id']}" in synced.stdout
     assert not record.exists()
-    again = run_cli("sync", cwd=tmp_path, env=env, timeout=120)  # idempotent: nothing left, nothing done twice
-    assert again.returncode == 0 and "nothing to sync" in again.stdout
+    with tracking_uri(server.url):  # idempotent: nothing left, nothing done twice
+        again = sync_folder(kept)
+    assert not again.synced and not again.failed
 
     client, run = the_run(server.url, experiment)
     assert run.info.run_id == saved["run_id"] and run.info.status == "FINISHED"
@@ -260,54 +276,97 @@ def test_server_lost_for_good_keeps_results_until_sync(server, tiny_mnist, tmp_p
     # The model is loadable and is the trained one: it predicts the test digits the run logged.
     with np.load(tiny_mnist) as data:
         rows = (data["x_test"].reshape(-1, 784) / 255.0).astype(np.float32)
-    mlflow.set_tracking_uri(server.url)
-    try:
+    with tracking_uri(server.url):
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{keys.MODEL_NAME}")
         logged = np.load(client.download_artifacts(run.info.run_id, keys.TEST_PREDICTIONS, str(tmp_path)))
-    finally:
-        mlflow.set_tracking_uri(None)
     assert np.array_equal(np.asarray(model.predict(rows)).argmax(axis=1), logged)
 
 
-def test_a_diverging_learning_rate_does_not_crash_the_study(tiny_mnist, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_cli(
-        "main", "--learning-rate", "10", "--epochs", "3", "--data", str(tiny_mnist), "--workers", "1",
-        "--registered-model", "none", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
+def test_sync_creates_the_runs_a_lost_server_never_saw(tmp_path, monkeypatch):
+    """`main`'s children are created at their first epoch: with the server gone by then, the record has no
+    run id, and sync creates the run (name, parent, params, tags), logs everything and registers the model."""
+    import keras
+
+    from study.config import TrainConfig
+    from study.model import build_model
+    from study.runner import Outcome
+    from tracking import runs as tracking_runs
+    from tracking.reliability import Outage
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MNIST_TRACKING_GRACE_SECONDS", "0")
+    monkeypatch.setenv(keys.UNSYNCED_DIR_ENV, str(tmp_path / "kept"))
+    monkeypatch.setattr(tracking_runs, "outage", Outage())
+    config = TrainConfig("relu", "hinge", epochs=2)
+    keras.utils.set_random_seed(0)
+    build_model(config).save(tmp_path / "model.keras")
+    history = {key: [0.5, 0.6] for key in EPOCH_METRICS}
+    outcome = Outcome(
+        config=config, history=history, train_seconds=1.0, diverged=False, stopped_reason="", test_loss=0.4,
+        test_accuracy=0.9, model_path=str(tmp_path / "model.keras"), predictions=np.arange(10) % 10,
+        labels=np.arange(10) % 10,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    with tracking_uri(f"http://127.0.0.1:{free_port()}"):  # nothing listens there
+        with tracking_runs.ConfigRuns("0", "f" * 32, {config: "relu-hinge"}, registered_model="mnist-sync") as runs:
+            for epoch in (1, 2):
+                runs.log_epoch(config, epoch, {key: values[epoch - 1] for key, values in history.items()})
+            runs.log_outcome(outcome)
+    (record,) = (tmp_path / "kept").iterdir()
+    saved = json.loads((record / keys.UNSYNCED_RECORD_FILE).read_text())
+    assert saved["run_id"] is None and saved["parent_run_id"] == "f" * 32 and len(saved["epoch_metrics"]) == 8
+
+    # The store is back (a SQLite store stands in for it here: the record is pointed at it, with its parent).
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(keys.DEFAULT_EXPERIMENT).experiment_id])
-    (parent,) = [run for run in runs if run.data.tags.get(keys.ENTRY_POINT_TAG) == "main"]
-    children = [run for run in runs if run is not parent]
-    assert len(children) == CONFIGS and parent.info.status == "FINISHED"
-    for child in children:
-        assert child.info.status == "FINISHED", child.info.run_name
-        assert child.data.tags[keys.DIVERGED_TAG] == "true", child.info.run_name
-        assert child.data.tags[keys.STOPPED_REASON_TAG], child.info.run_name
-        assert child.data.metrics[keys.EPOCHS_RUN] < 3  # stopped early, not trained on
-    artifacts = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
-    assert {keys.RESULTS_CSV, keys.SUMMARY_MD, keys.COMPARISON_PNG} <= artifacts
+    experiment_id = client.create_experiment("synced")
+    parent = client.create_run(experiment_id, run_name="study")
+    saved |= {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent.info.run_id}
+    (record / keys.UNSYNCED_RECORD_FILE).write_text(json.dumps(saved))
+    with tracking_uri(uri):
+        report = sync_folder(tmp_path / "kept")
+    assert not report.failed and not record.exists()
+    (child,) = client.search_runs([experiment_id], filter_string="tags.config = 'relu-hinge'")
+    assert child.info.status == "FINISHED" and child.info.run_name == "relu-hinge"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.params["activation"] == "relu" and child.data.metrics[keys.TEST_ACCURACY] == 0.9
+    assert_every_epoch(client, child.info.run_id, 2)
+    assert keys.HISTORY in {artifact.path for artifact in client.list_artifacts(child.info.run_id)}
+    (version,) = client.search_model_versions("name = 'mnist-sync'")
+    assert version.run_id == child.info.run_id and version.tags["activation"] == "relu"
 
 
-def start_study(tmp_path: Path, tiny_mnist: Path, uri: str, experiment: str) -> subprocess.Popen:
+def start_study(tmp_path: Path, tiny_mnist: Path, uri: str, experiment: str, *settings: str) -> subprocess.Popen:
     return subprocess.Popen(
-        study_command("main", "--epochs", "1", "--data", str(tiny_mnist), "--workers", "1",
-                      "--registered-model", "none", "--experiment", experiment),
+        study_command("main", "--data", str(tiny_mnist), "--workers", "1", "--registered-model", "none",
+                      "--experiment", experiment, *settings),
         cwd=tmp_path, env=study_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_two_studies_at_the_same_moment_on_one_store(store, server, tiny_mnist, tmp_path):
+@pytest.mark.parametrize(
+    ("store", "settings"),
+    [
+        ("sqlite", ("--learning-rate", "10", "--epochs", "3")),
+        ("server", ("--learning-rate", "0.001", "--epochs", "1")),
+    ],
+    ids=["sqlite-diverging", "server"],
+)
+def test_two_studies_at_the_same_moment_on_one_store(store, settings, server, tiny_mnist, tmp_path):
+    """Both complete, all 12 children FINISHED, no "database is locked".
+
+    The SQLite pair starts on a new store (both processes also race to create it) and trains with
+    learning_rate=10, which diverges: that must not crash a study either. Every child ends FINISHED with
+    diverged=true and a stopped_reason, and the parent's results and summary are still written.
+    """
     if store == "server":
         server.ensure_running()
         uri = server.url
     else:
-        uri = f"sqlite:///{tmp_path / 'shared.db'}"  # a new store: both processes race to create it, too
+        uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    diverging = settings[1] == "10"
     experiment = f"concurrent-{store}"
-    studies = [start_study(tmp_path, tiny_mnist, uri, experiment) for _ in range(2)]
+    studies = [start_study(tmp_path, tiny_mnist, uri, experiment, *settings) for _ in range(2)]
     try:
         outputs = [study.communicate(timeout=600) for study in studies]
     finally:
@@ -318,24 +377,36 @@ def test_two_studies_at_the_same_moment_on_one_store(store, server, tiny_mnist, 
         assert "database is locked" not in stderr and "Traceback" not in stderr
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 2 * (CONFIGS + 1)
     parents = [run for run in runs if run.data.tags.get(keys.ENTRY_POINT_TAG) == "main"]
-    assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in parents)
+    assert len(parents) == 2
     for parent in parents:
+        assert parent.info.status == "FINISHED"
+        artifacts = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+        assert {keys.RESULTS_CSV, keys.SUMMARY_MD, keys.COMPARISON_PNG} <= artifacts
         children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(children) == CONFIGS
-        assert all(child.info.status == "FINISHED" for child in children)
-        assert all(len(client.get_metric_history(child.info.run_id, keys.VAL_ACCURACY)) == 1 for child in children)
-    assert len(runs) == 2 * (CONFIGS + 1)
+        for child in children:
+            name, epochs_run = child.info.run_name, child.data.metrics[keys.EPOCHS_RUN]
+            assert child.info.status == "FINISHED", name
+            assert len(client.get_metric_history(child.info.run_id, keys.VAL_ACCURACY)) == epochs_run, name
+            if diverging:
+                assert child.data.tags[keys.DIVERGED_TAG] == "true", name
+                assert child.data.tags[keys.STOPPED_REASON_TAG], name
+                assert epochs_run < 3, name  # stopped as soon as it diverged
+            else:
+                assert child.data.tags[keys.DIVERGED_TAG] == "false" and epochs_run == 1, name
 
 
 @pytest.fixture
 def scratch_database() -> Iterator[str]:
     """A throwaway PostgreSQL database on 127.0.0.1:5432 (user postgres, trust auth), dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
+    import psycopg2
+
     try:
         admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
     except psycopg2.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error}")
+        pytest.fail(f"no PostgreSQL at 127.0.0.1:5432 ({error}); .ci/run starts it")
     admin.autocommit = True
     name = f"reliability_{uuid.uuid4().hex[:8]}"
     with admin.cursor() as cursor:
@@ -393,19 +464,15 @@ def test_models_are_loaded_safely(tmp_path):
     import keras
 
     import study  # noqa: F401
+    from tracking.predict import ModelNotFoundError, load_model
 
     inputs = keras.Input(shape=(784,))
     outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Lambda(lambda rows: rows * 2.0)(inputs))
-    mlflow.keras.save_model(keras.Model(inputs, outputs), tmp_path / "lambda-model")
+    mlflow.keras.save_model(keras.Model(inputs, outputs), str(tmp_path / "lambda-model"))
     with pytest.raises(ValueError, match="safe_mode"):
         keras.saving.load_model(tmp_path / "lambda-model" / "data" / "model.keras", safe_mode=True)
-    np.save(tmp_path / "digits.npy", np.zeros((2, 28, 28), np.uint8))
-    result = run_cli(
-        "predict", "--model", str(tmp_path / "lambda-model"), "--input", str(tmp_path / "digits.npy"),
-        cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "was refused: loading it would run code stored in it" in result.stderr
+    with pytest.raises(ModelNotFoundError, match="was refused: loading it would run code stored in it"):
+        load_model(str(tmp_path / "lambda-model"))  # `predict`'s loader: the CLI turns this into exit code 2
     # Every place this project loads a Keras model passes safe_mode=True (predict goes through MLflow's pyfunc
     # flavor, which calls keras.saving.load_model with Keras's default, safe_mode=True).
     sources = [path for folder in ("study", "tracking") for path in (PROJECT / folder).glob("*.py")]

@@ -72,11 +72,27 @@ def check_tracking_store(timeout: float = 10.0) -> None:
                 f"tracking server {redact(uri)} is unreachable ({error}); start it, or set MLFLOW_TRACKING_URI "
                 "to a reachable server or to sqlite:///mlflow.db"
             ) from None
+        _check_credentials(uri)
     elif uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
         if not database.parent.is_dir():
             raise StoreUnreachable(f"tracking store {uri}: folder {database.parent} does not exist")
         _open_sqlite_store(database)
+
+
+def _check_credentials(uri: str) -> None:
+    """A server with authentication (`mlflow server --app-name basic-auth`) answers /health to anyone: ask it
+    something that needs credentials, so that missing or wrong ones are one line, not a traceback later."""
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as error:
+        if error.get_http_status_code() not in (401, 403):
+            raise
+        raise StoreUnreachable(
+            f"tracking server {redact(uri)} refused the request (HTTP {error.get_http_status_code()}, "
+            f"{error.error_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) for a user allowed to use it"
+        ) from None
 
 
 def _open_sqlite_store(database: Path) -> None:

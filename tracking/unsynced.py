@@ -105,7 +105,7 @@ def write(record: Record, artifacts: Path | None = None, model_path: str | None 
     """Write `record` (with a copy of the `artifacts` folder and the model file) as a new folder."""
     base = root()
     base.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", record.run_name) or "run"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", record.run_name or "") or "run"
     folder = base / f"{name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
     partial.mkdir()
