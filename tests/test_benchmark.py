@@ -38,6 +38,7 @@ def positive(value: object) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.bench_smoke
 def test_smoke_times_and_accuracies(smoke: tuple[dict, str]) -> None:
     results, stdout = smoke
     assert results["smoke"] is True and results["epochs"] == 1 and results["batch_size"] == 32
@@ -68,6 +69,7 @@ def test_smoke_times_and_accuracies(smoke: tuple[dict, str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.bench_smoke
 def test_smoke_throughput_peak_and_memory(smoke: tuple[dict, str]) -> None:
     results, _ = smoke
     throughput = results["throughput"]
