@@ -16,6 +16,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("MNIST_NPZ") or PROJECT.parent / "shared" / "datasets" / "mnist.npz").resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_outside_the_repository(tmp_path_factory: pytest.TempPathFactory):
+    """Tests run in a scratch folder, so MLflow's relative defaults (./mlruns, ./mlflow.db) never land in
+    the repository; tests that need the project pass `cwd=PROJECT` or absolute paths."""
+    before = Path.cwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 @pytest.fixture(scope="session")
 def mnist_path() -> Path:
     assert MNIST.exists(), f"the real MNIST is expected at {MNIST} (or set MNIST_NPZ)"
