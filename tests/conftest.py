@@ -32,19 +32,54 @@ def mnist_path() -> Path:
     return MNIST
 
 
+def write_mnist_slice(mnist_path: Path, path: Path, train: int, test: int) -> Path:
+    """The first `train` training and `test` test images of the real MNIST, saved as an .npz at `path`."""
+    with np.load(mnist_path, allow_pickle=False) as full:
+        np.savez(
+            path,
+            x_train=full["x_train"][:train],
+            y_train=full["y_train"][:train],
+            x_test=full["x_test"][:test],
+            y_test=full["y_test"][:test],
+        )
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_mnist(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Path:
     """The first 3,000 training and 1,000 test images of the real MNIST, as an .npz file."""
-    with np.load(mnist_path, allow_pickle=False) as full:
-        arrays = {
-            "x_train": full["x_train"][:3000],
-            "y_train": full["y_train"][:3000],
-            "x_test": full["x_test"][:1000],
-            "y_test": full["y_test"][:1000],
-        }
-    path = tmp_path_factory.mktemp("data") / "mnist-small.npz"
-    np.savez(path, **arrays)
-    return path
+    return write_mnist_slice(mnist_path, tmp_path_factory.mktemp("data") / "mnist-small.npz", 3000, 1000)
+
+
+@pytest.fixture
+def postgres_databases():
+    """`create(prefix)` -> the name of a new, empty database on the real PostgreSQL at 127.0.0.1:5432
+    (user postgres, trust auth); every database created is dropped after the test."""
+    import uuid
+
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as error:
+        pytest.fail(f"no PostgreSQL at 127.0.0.1:5432 ({error}); .ci/run starts it")
+    admin.autocommit = True
+    created: list[str] = []
+
+    def create(prefix: str) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return name
+
+    try:
+        yield create
+    finally:
+        with admin.cursor() as cursor:
+            for name in created:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -354,26 +353,9 @@ POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture
-def scratch_databases():
-    """Two throwaway PostgreSQL databases (Optuna's and MLflow's), dropped afterwards."""
-    import psycopg2
-
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as error:
-        pytest.fail(f"no PostgreSQL at 127.0.0.1:5432 ({error}); .ci/run starts it")
-    admin.autocommit = True
-    names = [f"optimize_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("optuna", "mlflow")]
-    with admin.cursor() as cursor:
-        for name in names:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield [f"{POSTGRES}/{name}" for name in names]
-    finally:
-        with admin.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def scratch_databases(postgres_databases) -> list[str]:
+    """Two throwaway PostgreSQL databases (Optuna's and MLflow's), dropped after the test."""
+    return [f"{POSTGRES}/{postgres_databases(f'optimize_test_{kind}')}" for kind in ("optuna", "mlflow")]
 
 
 @pytest.mark.slow

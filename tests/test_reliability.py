@@ -24,7 +24,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import PROJECT, run_cli
+from conftest import PROJECT, run_cli, write_mnist_slice
 from mlflow.tracking import MlflowClient
 
 from tracking import keys
@@ -40,16 +40,7 @@ CONFIGS = 6  # activations x losses
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory: pytest.TempPathFactory, mnist_path: Path) -> Path:
     """600 training and 200 test images of the real MNIST: enough to train, quick to train."""
-    with np.load(mnist_path, allow_pickle=False) as full:
-        arrays = {
-            "x_train": full["x_train"][:600],
-            "y_train": full["y_train"][:600],
-            "x_test": full["x_test"][:200],
-            "y_test": full["y_test"][:200],
-        }
-    path = tmp_path_factory.mktemp("data") / "mnist-tiny.npz"
-    np.savez(path, **arrays)
-    return path
+    return write_mnist_slice(mnist_path, tmp_path_factory.mktemp("data") / "mnist-tiny.npz", 600, 200)
 
 
 @contextlib.contextmanager
@@ -399,24 +390,9 @@ def test_two_studies_at_the_same_moment_on_one_store(store, settings, server, ti
 
 
 @pytest.fixture
-def scratch_database() -> Iterator[str]:
-    """A throwaway PostgreSQL database on 127.0.0.1:5432 (user postgres, trust auth), dropped afterwards."""
-    import psycopg2
-
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as error:
-        pytest.fail(f"no PostgreSQL at 127.0.0.1:5432 ({error}); .ci/run starts it")
-    admin.autocommit = True
-    name = f"reliability_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def scratch_database(postgres_databases) -> str:
+    """A throwaway PostgreSQL database (dropped after the test)."""
+    return postgres_databases("reliability")
 
 
 def test_no_credential_is_logged_stored_or_printed(scratch_database, tiny_mnist, tmp_path):
