@@ -346,19 +346,17 @@ def throughput_child(data_path: str, epochs: int, matmul_size: int) -> dict[str,
     (pinned to one core, single-threaded backends), and numpy's one-thread matmul peak in the same process."""
     core = sorted(os.sched_getaffinity(0))[0]
     os.sched_setaffinity(0, {core})
-    # As study.runner._init_worker does, before JAX/TensorFlow are imported.
-    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
+    sys.path.insert(0, str(PROJECT))
+    from study import runtime  # the `study` package chooses the Keras backend: import it first
+
+    runtime.prepare_worker()  # as study.runner's workers do, before JAX is imported
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):  # one core, one BLAS thread: the resources of one study worker
         peak_one_core = matmul_peak(matmul_size)
         config_report = numpy_config()
 
-    sys.path.insert(0, str(PROJECT))
-    from study.config import TrainConfig  # the `study` package chooses the Keras backend: import it first
+    from study.config import TrainConfig
     from study.data import load_raw, prepare
     from study.training import STEPS_PER_EXECUTION, train
 
@@ -486,6 +484,8 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
         child_output = folder / "child.json"
         if command[1] == script:
             command = [*command, "--child-output", str(child_output)]
+        # Each child compiles from scratch (a new, empty JAX cache) unless it is given a cache folder.
+        env = {"MNIST_STUDY_CACHE": str(folder / "compile-cache"), **env}
         result = run_measured(command, env, folder, log_path)
         check_finished(name, result, log_path, workdir)
         log.info("%s: %.1f s, peak tree RSS %.0f MB", name, result.seconds, result.peak_tree_rss_mb)
@@ -507,11 +507,32 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
             child_env(KERAS_BACKEND="tensorflow", MLFLOW_TRACKING_URI=store),
         )
     study_store = f"sqlite:///{workdir / 'study' / 'mlflow.db'}"
+    study_command = [sys.executable, "-m", "study", "main", "--epochs", epochs, "--batch-size", str(BATCH_SIZE)]
     measure(
         "study",
-        [sys.executable, "-m", "study", "main", "--epochs", epochs, "--batch-size", str(BATCH_SIZE), "--data", data],
+        [*study_command, "--data", data],
         child_env(MLFLOW_TRACKING_URI=study_store),
     )
+    if not settings.smoke:  # the same study again with the first one's compiled code: a rerun, another seed
+        measure(
+            "study_rerun",
+            [
+                sys.executable,
+                "-m",
+                "study",
+                "main",
+                "--epochs",
+                epochs,
+                "--batch-size",
+                str(BATCH_SIZE),
+                "--data",
+                data,
+            ],
+            child_env(
+                MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'study_rerun' / 'mlflow.db'}",
+                MNIST_STUDY_CACHE=str(workdir / "study" / "compile-cache"),
+            ),
+        )
     measure(
         "untracked",
         [sys.executable, script, "--no-tracking", "--data", data, "--epochs", epochs],
@@ -554,6 +575,7 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
             "baseline": baseline.seconds if baseline else None,
             "study": study.seconds,
             "study_without_tracking": untracked.seconds,
+            "study_rerun": measured["study_rerun"].seconds if "study_rerun" in measured else None,
         },
         "ratio_study_to_baseline": ratio,
         "cpu_seconds": {name: result.cpu_seconds for name, result in measured.items()},
@@ -631,6 +653,7 @@ def summary(results: dict) -> str:
         f"  ratio study/baseline:               {results['ratio_study_to_baseline']}",
         f"  study without tracking:             {wall['study_without_tracking']} s wall, {cpu['untracked']} s CPU "
         f"(tracking overhead {results['tracking_overhead']['overhead']:.1%})",
+        f"  study rerun (compiled code cached): {wall['study_rerun']} s wall, {cpu.get('study_rerun')} s CPU",
         f"  load average before/after:          {results['machine']['load_average_before']} / "
         f"{results['machine']['load_average_after']}",
         "  test accuracy    baseline  study",

@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from study import interrupts
+from study import interrupts, runtime
 from study.config import (
     ACTIVATIONS,
     DEFAULT_BATCH_SIZE,
@@ -28,6 +28,7 @@ from study.config import (
     grid,
 )
 from study.data import DataError, load_raw
+from study.runner import Workers, default_workers
 
 log = logging.getLogger("study")
 
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    runtime.skip_tensorflow()  # nothing here needs it on the JAX backend (study/runtime.py)
     if args.command in ("predict", "models"):  # the model registry: no training data needed
         return _dispatch_registry(args)
     if args.command == "sync":  # uploads kept results: no training data needed
@@ -190,17 +192,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             for config in grid(args.epochs, args.batch_size, args.learning_rate, args.seed)
             for offset in range(args.seeds)
         ]
-        from tracking.pipeline import run_study
+        # The training processes start now: they import Keras and read the data while MLflow is set up here.
+        with Workers(args.workers or default_workers(len(configs)), args.data) as pool:
+            from tracking.pipeline import run_study
 
-        run_study(
-            configs,
-            args.data,
-            seeds=args.seeds,
-            workers=args.workers,
-            experiment=experiment,
-            registered_model=args.registered_model,
-            resume=args.resume == "true",
-        )
+            run_study(
+                configs,
+                args.data,
+                seeds=args.seeds,
+                workers=args.workers,
+                pool=pool,
+                experiment=experiment,
+                registered_model=args.registered_model,
+                resume=args.resume == "true",
+            )
     elif args.command == "train":
         from tracking.pipeline import run_single
 
@@ -378,6 +383,7 @@ def _dispatch_optimize(args: argparse.Namespace, experiment: str) -> None:
     log.info("Optimizing %s in %s", ", ".join(settings.configs), hide_password(settings.storage))
     from tracking.optimize import run_optimize
 
+    runtime.use_compile_cache()  # trials of a configuration share one compiled model (study/runtime.py)
     run_optimize(settings, experiment=experiment)
 
 

@@ -6,6 +6,7 @@ calling process through one queue, in order, so the caller alone talks to the tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from study import interrupts
+from study import interrupts, runtime
 from study.config import TrainConfig
+from study.data import RawMnist, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +56,24 @@ class Outcome:
 EpochSink = Callable[[TrainConfig, int, dict[str, float]], None]
 DoneSink = Callable[[Outcome], None]
 
-_raw_cache: dict[str, object] = {}
+_preloaded: dict[str, RawMnist] = {}  # data a worker read while it waited for its first configuration
+
+
+def _raw_data(data_source: str) -> RawMnist:
+    """The data as stored: the preloaded copy once, then read again per configuration. Keeping it would cost
+    each worker 55 MB for the whole study to save ~0.3 s per configuration (peak memory, benchmarks/README.md).
+    """
+    return _preloaded.pop(data_source, None) or load_raw(data_source)
 
 
 def train_one(config: TrainConfig, data_source: str, model_dir: str, on_epoch: EpochSink) -> Outcome:
-    """Load (cached per process), train, evaluate on test once, save the model as native .keras."""
-    from study.data import load_raw, prepare
+    """Load, train, evaluate on test once, save the model as native .keras."""
+    from study.data import prepare
     from study.training import evaluate, train
 
-    if data_source not in _raw_cache:
-        _raw_cache[data_source] = load_raw(data_source)
-    data = prepare(_raw_cache[data_source], seed=config.seed)
+    data = prepare(_raw_data(data_source), seed=config.seed)
     result = train(config, data, on_epoch=lambda epoch, metrics: on_epoch(config, epoch, metrics))
+    data = data.test_only()  # the training arrays go before the test pass (peak memory per worker)
     evaluation = evaluate(result.model, data)
     model_path = str(Path(model_dir) / f"{config.name}-seed{config.seed}.keras")
     result.model.save(model_path)
@@ -89,39 +97,56 @@ def default_workers(n_configs: int) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), n_configs))
 
 
-def run_configs(
-    configs: Sequence[TrainConfig],
-    data_source: str,
-    on_epoch: EpochSink,
-    on_done: DoneSink,
-    workers: int = 0,
-    model_dir: str | None = None,
-) -> None:
-    """Train every configuration; call `on_epoch` per epoch and `on_done` per result, in this process.
+class Workers:
+    """Training processes, one per core: started ahead of the work, so that each imports Keras and reads the
+    data while the caller sets up tracking: the two overlap instead of following each other.
 
-    `workers` 0 = one per core; 1 = train here, in this process.
+    `count` 1 means no processes: configurations train in the calling process. Use as a context manager;
+    leaving it stops the processes.
     """
-    workers = workers or default_workers(len(configs))
-    model_dir = model_dir or tempfile.mkdtemp(prefix="mnist-models-")
-    if workers == 1:
-        for config in configs:
-            interrupts.check()
-            on_done(train_one(config, data_source, model_dir, on_epoch))
-        return
 
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    cores = context.Queue()
-    available = sorted(os.sched_getaffinity(0))
-    for index in range(workers):
-        cores.put(available[index % len(available)])
-    with context.Pool(workers, initializer=_init_worker, initargs=(cores, messages)) as pool:
-        pending = [pool.apply_async(_work, (config, data_source, model_dir)) for config in configs]
+    def __init__(self, count: int, data_source: str):
+        self.count = count
+        self.data_source = data_source
+        self.pool = None
+        if count > 1:
+            context = multiprocessing.get_context("spawn")
+            self.messages = context.Queue()
+            cores = context.Queue()
+            available = sorted(os.sched_getaffinity(0))
+            for index in range(count):
+                cores.put(available[index % len(available)])
+            self.pool = context.Pool(count, initializer=_init_worker, initargs=(cores, self.messages, data_source))
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def run(
+        self, configs: Sequence[TrainConfig], on_epoch: EpochSink, on_done: DoneSink, model_dir: str | None = None
+    ) -> None:
+        """Train every configuration; call `on_epoch` per epoch and `on_done` per result, in this process."""
+        model_dir = model_dir or tempfile.mkdtemp(prefix="mnist-models-")
+        if self.pool is None:
+            runtime.use_compile_cache()
+            for config in configs:
+                interrupts.check()
+                on_done(train_one(config, self.data_source, model_dir, on_epoch))
+            return
+        pending = [self.pool.apply_async(_work, (config, self.data_source, model_dir)) for config in configs]
         remaining = len(configs)
         while remaining:
             interrupts.check()
             try:
-                kind, payload = messages.get(timeout=0.2)
+                kind, payload = self.messages.get(timeout=0.2)
             except queue_module.Empty:
                 for task in pending:
                     if task.ready() and not task.successful():
@@ -134,22 +159,36 @@ def run_configs(
                 on_done(payload)
 
 
+def run_configs(
+    configs: Sequence[TrainConfig],
+    data_source: str,
+    on_epoch: EpochSink,
+    on_done: DoneSink,
+    workers: int = 0,
+    model_dir: str | None = None,
+) -> None:
+    """Train every configuration with `workers` processes (0 = one per core; 1 = in this process)."""
+    with Workers(workers or default_workers(len(configs)), data_source) as pool:
+        pool.run(configs, on_epoch, on_done, model_dir)
+
+
 _messages = None
 
 
-def _init_worker(cores, messages) -> None:
-    """Pin this worker to one core and make the numeric backends single-threaded (measured faster)."""
+def _init_worker(cores, messages, data_source: str) -> None:
+    """Pin this worker to one core, set it up for training only (study/runtime.py), then import Keras and
+    read the data now rather than when the first configuration arrives."""
     global _messages
     _messages = messages
     # Ctrl-C reaches the whole process group: the parent handles it (runs end KILLED) and terminates
     # the pool. SIGTERM keeps its default here, since that is how the pool stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    core = cores.get()
-    os.sched_setaffinity(0, {core})
-    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.sched_setaffinity(0, {cores.get()})
+    runtime.prepare_worker()
+    import study.training  # noqa: F401  (Keras and JAX)
+
+    with contextlib.suppress(Exception):  # a bad file is reported by the first configuration, not here
+        _preloaded[data_source] = load_raw(data_source)
 
 
 def _work(config: TrainConfig, data_source: str, model_dir: str) -> None:
@@ -158,3 +197,4 @@ def _work(config: TrainConfig, data_source: str, model_dir: str) -> None:
 
     outcome = train_one(config, data_source, model_dir, send_epoch)
     _messages.put(("done", outcome))
+    runtime.release_memory()  # before the next configuration's data and compilation

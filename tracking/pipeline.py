@@ -11,9 +11,9 @@ from pathlib import Path
 import mlflow
 from tqdm import tqdm
 
-from study import comparison, plots, statistics
+from study import comparison, plots, runtime, statistics
 from study.config import TrainConfig
-from study.runner import Outcome, run_configs
+from study.runner import Outcome, Workers, default_workers
 from tracking import keys
 from tracking.report import write_outputs
 from tracking.resume import reusable
@@ -30,6 +30,7 @@ def run_study(
     experiment: str = keys.DEFAULT_EXPERIMENT,
     registered_model: str | None = keys.DEFAULT_REGISTERED_MODEL,
     resume: bool = False,
+    pool: Workers | None = None,
 ) -> list[comparison.ConfigResult]:
     """`main`: every configuration (x seed) as a child of one parent run, then the comparison.
 
@@ -38,6 +39,8 @@ def run_study(
 
     With one seed a child run is named `{activation}-{loss}`; with several, `{activation}-{loss}-seed{k}`.
     Each model is registered as a version of `registered_model` (None: not registered).
+    `pool`: training processes already started (the CLI starts them before importing MLflow); else `workers`
+    of them (0 = one per core) are started here.
     """
     first = configs[0]
     settings = (
@@ -64,9 +67,10 @@ def run_study(
         if reused:
             mlflow.set_tag(keys.REUSED_RUNS_TAG, ",".join(outcome.reused_run_id for outcome in reused.values()))
         to_train = [config for config in configs if config not in reused]
-        trained = _train_and_log(
-            to_train, data, workers, experiment_id, parent.info.run_id, names, registered_model=registered_model
-        )
+        with pool or Workers(workers or default_workers(len(to_train)), data) as training:
+            trained = _train_and_log(
+                to_train, training, experiment_id, parent.info.run_id, names, registered_model=registered_model
+            )
         by_config = {**reused, **{outcome.config: outcome for outcome in trained}}
         outcomes = [by_config[config] for config in configs]
         results = [_result_row(outcome) for outcome in outcomes]
@@ -79,7 +83,7 @@ def run_single(config: TrainConfig, data: str, experiment: str = keys.DEFAULT_EX
     """`train`: one configuration, logged into the top-level run itself (no parent)."""
     experiment_id = use_experiment(experiment)
     with top_run(config.name, {keys.ENTRY_POINT_TAG: "train"}):
-        outcomes = _train_and_log([config], data, 1, experiment_id, None, {config: config.name})
+        outcomes = _train_and_log([config], Workers(1, data), experiment_id, None, {config: config.name})
     result = _result_row(outcomes[0])
     print(comparison.results_table([result]))
     return result
@@ -87,8 +91,7 @@ def run_single(config: TrainConfig, data: str, experiment: str = keys.DEFAULT_EX
 
 def _train_and_log(
     configs: Sequence[TrainConfig],
-    data: str,
-    workers: int,
+    workers: Workers,
     experiment_id: str,
     parent_run_id: str | None,
     names: dict[TrainConfig, str],
@@ -109,6 +112,7 @@ def _train_and_log(
         def on_done(outcome: Outcome) -> None:
             progress.update(outcome.config.epochs - outcome.epochs_run)  # epochs skipped by a stop
             runs.log_outcome(outcome)
+            runtime.release_memory()  # the loaded model and the figures: this process stays small beside the workers
             finished[outcome.config] = outcome
             log.info(
                 "%s: best val_accuracy %.4f, test_accuracy %.4f",
@@ -118,7 +122,7 @@ def _train_and_log(
             )
 
         with tempfile.TemporaryDirectory(prefix="mnist-models-") as model_dir:
-            run_configs(configs, data, on_epoch, on_done, workers=workers, model_dir=model_dir)
+            workers.run(configs, on_epoch, on_done, model_dir=model_dir)
     return [finished[config] for config in configs]
 
 

@@ -1,0 +1,111 @@
+"""Process set-up for training: what to import, where compiled code is cached, how many threads.
+
+Measured on a 2-core machine (benchmarks/README.md):
+- Keras 3 imports TensorFlow whenever it is installed, even on the JAX backend: to seed it
+  (`keras.utils.set_random_seed`) and for a type check when saving (`Model.save`). That costs each process
+  ~450 MB and ~3 s, and nothing here uses it, so a process on another backend blocks the import.
+- Keras also imports scikit-learn, pandas, pyarrow, IPython and matplotlib when they are installed (MLflow
+  brings them). A training worker uses none of them: blocking them keeps a worker at ~230 MB before data.
+- JAX compiles each new model's functions (~4 s per configuration). Its persistent cache keeps the
+  compiled code on disk, so later seeds, reruns and Optuna trials of a configuration skip that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "MNIST_STUDY_CACHE"  # folder for JAX's compiled-code cache; "off" turns the cache off
+OFF = "off"
+# Libraries Keras imports when they are installed, which a process that only trains never needs.
+UNUSED_BY_TRAINING = ("sklearn", "pandas", "pyarrow", "IPython", "matplotlib")
+
+
+def backend() -> str:
+    """The Keras backend this process will use (study/__init__.py sets it before Keras is imported)."""
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def block_imports(names: tuple[str, ...]) -> None:
+    """Make `import name` raise ImportError in this process, as if the package were not installed.
+
+    Python's own mechanism (a None entry in sys.modules); Keras treats these packages as optional. A package
+    that is already imported is left alone.
+    """
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
+def skip_tensorflow() -> None:
+    """Don't let Keras import TensorFlow in this process unless TensorFlow is the backend."""
+    if backend() != "tensorflow":
+        block_imports(("tensorflow",))
+
+
+def prepare_worker() -> None:
+    """A process that only trains: single-threaded numeric libraries, no unused imports, compile cache.
+
+    Call before Keras is imported. One single-threaded worker per core was measured faster than one
+    process using both cores for this small model.
+    """
+    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    skip_tensorflow()
+    block_imports(UNUSED_BY_TRAINING)
+    use_compile_cache()
+
+
+def cache_folder() -> Path | None:
+    """JAX's compiled-code cache: $MNIST_STUDY_CACHE, else ~/.cache/mnist-activation-study/jax (None: off).
+
+    One subfolder per machine: cached entries are native code for this CPU, and a home folder may be shared.
+    """
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting.lower() == OFF:
+        return None
+    root = Path(setting) if setting else _user_cache() / "mnist-activation-study" / "jax"
+    return root / f"{platform.node() or 'host'}-{platform.machine()}"
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def use_compile_cache() -> None:
+    """Turn on JAX's persistent compilation cache (JAX backend only; a folder that can't be made: skipped)."""
+    folder = cache_folder()
+    if folder is None or backend() != "jax":
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        log.warning("Compiled-code cache off: cannot create %s (%s); set %s to a folder", folder, error, CACHE_ENV)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # this model's compiles are small
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system between configurations.
+
+    Compiling a model leaves ~80 MB of freed blocks in glibc's heap that the next configuration's arrays
+    would not reuse; `malloc_trim` returns them (measured per worker). A no-op where glibc is absent.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
