@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    runtime.skip_tensorflow()  # nothing here needs it on the JAX backend (study/runtime.py)
+    runtime.skip_unused_imports()  # TensorFlow on the JAX backend, IPython (study/runtime.py)
     if args.command in ("predict", "models"):  # the model registry: no training data needed
         return _dispatch_registry(args)
     if args.command == "sync":  # uploads kept results: no training data needed

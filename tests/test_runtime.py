@@ -36,7 +36,7 @@ from study.config import TrainConfig
 from study.runner import train_one
 config = TrainConfig("relu", "crossentropy", epochs=1, seed=0)
 outcome = train_one(config, sys.argv[1], sys.argv[2], lambda *args: None)
-loaded = {name: sys.modules.get(name) is not None for name in ("tensorflow", "pandas", "sklearn", "matplotlib")}
+loaded = {name: sys.modules.get(name) is not None for name in ("tensorflow", "pandas", "sklearn", "IPython")}
 print(json.dumps({
     "loaded": loaded,
     "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
@@ -64,7 +64,7 @@ def run_worker(data: Path, folder: Path, cache: str) -> dict:
 def test_a_worker_trains_without_tensorflow_and_reuses_compiled_code(small_mnist, tmp_path):
     cache = tmp_path / "cache"
     first = run_worker(small_mnist, tmp_path, str(cache))
-    assert first["loaded"] == {"tensorflow": False, "pandas": False, "sklearn": False, "matplotlib": False}
+    assert first["loaded"] == {"tensorflow": False, "pandas": False, "sklearn": False, "IPython": False}
     assert first["test_accuracy"] > 0.5  # chance is 0.1: a real model, trained without TensorFlow loaded
     assert first["cache_misses"] > 0 and first["cache_hits"] == 0
     (machine_folder,) = cache.iterdir()  # one folder per machine: entries are native code for this CPU
@@ -106,7 +106,7 @@ def test_a_cache_folder_that_cannot_be_made_is_a_warning_not_an_error(monkeypatc
 
 
 def test_tensorflow_stays_importable_when_it_is_the_backend():
-    script = "from study import runtime; runtime.skip_tensorflow(); import keras; print(keras.backend.backend())"
+    script = "from study import runtime; runtime.skip_unused_imports(); import keras; print(keras.backend.backend())"
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "KERAS_BACKEND": "tensorflow"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "tensorflow", done.stderr[-2000:]
