@@ -112,7 +112,7 @@ def _train_and_log(
         def on_done(outcome: Outcome) -> None:
             progress.update(outcome.config.epochs - outcome.epochs_run)  # epochs skipped by a stop
             runs.log_outcome(outcome)
-            runtime.release_memory()  # the loaded model and the figures: this process stays small beside the workers
+            runtime.release_memory(collect=False)  # the loaded model, the figures: stay small beside the workers
             finished[outcome.config] = outcome
             log.info(
                 "%s: best val_accuracy %.4f, test_accuracy %.4f",
