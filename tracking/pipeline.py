@@ -49,7 +49,7 @@ def run_study(
     )
     experiment_id = use_experiment(experiment)
     run_name = f"study-{datetime.now():%Y%m%d-%H%M%S}"
-    with top_run(run_name, {keys.ENTRY_POINT_TAG: "main"}) as parent:
+    with top_run(run_name, {keys.ENTRY_POINT_TAG: "main"}, experiment_id) as parent:
         mlflow.log_params(
             {
                 "epochs": first.epochs,
@@ -82,7 +82,7 @@ def run_study(
 def run_single(config: TrainConfig, data: str, experiment: str = keys.DEFAULT_EXPERIMENT) -> comparison.ConfigResult:
     """`train`: one configuration, logged into the top-level run itself (no parent)."""
     experiment_id = use_experiment(experiment)
-    with top_run(config.name, {keys.ENTRY_POINT_TAG: "train"}):
+    with top_run(config.name, {keys.ENTRY_POINT_TAG: "train"}, experiment_id):
         outcomes = _train_and_log([config], Workers(1, data), experiment_id, None, {config: config.name})
     result = _result_row(outcomes[0])
     print(comparison.results_table([result]))

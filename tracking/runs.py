@@ -120,8 +120,20 @@ def use_experiment(name: str) -> str:
         mlflow.set_experiment(experiment_id=experiment_id)
     else:
         experiment_id = _set_experiment(name)
-    with_retry(MlflowClient().set_experiment_tag, experiment_id, keys.EXPERIMENT_KIND_TAG, keys.EXPERIMENT_KIND)
+    _tag_experiment(experiment_id)
     return experiment_id
+
+
+def _tag_experiment(experiment_id: str) -> None:
+    """Tag the experiment for the training-runs UI. Two studies starting at the same moment may both set the
+    tag; a store can then refuse the second insert (UNIQUE constraint): fine if the tag is there."""
+    client = MlflowClient()
+    try:
+        with_retry(client.set_experiment_tag, experiment_id, keys.EXPERIMENT_KIND_TAG, keys.EXPERIMENT_KIND)
+    except mlflow.exceptions.MlflowException:
+        tags = with_retry(client.get_experiment, experiment_id).tags
+        if tags.get(keys.EXPERIMENT_KIND_TAG) != keys.EXPERIMENT_KIND:
+            raise
 
 
 def _set_experiment(name: str) -> str:
@@ -139,14 +151,18 @@ def _set_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
-def top_run(run_name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+def top_run(run_name: str, tags: Mapping[str, str], experiment_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """The run `mlflow run` created (MLFLOW_RUN_ID), or a new one named `run_name`.
 
     Ends FINISHED on success, KILLED on Ctrl-C, FAILED on any other error (if the store can't be reached
     by then, the status is kept in an unsynced record for `python -m study sync`).
     """
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
+    # The experiment is named explicitly (not left to set_experiment's process-wide state): two studies creating
+    # the same experiment at the same moment must both put their parent runs in it.
+    run = (
+        mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name, experiment_id=experiment_id)
+    )
     mlflow.set_tags(dict(tags))
     if run_id:  # mlflow run gives its run a random name; say what this one is
         mlflow.set_tag(MLFLOW_RUN_NAME, run_name)
