@@ -330,14 +330,12 @@ def untracked_child(data_path: str, epochs: int) -> dict[str, object]:
     def on_done(outcome) -> None:
         accuracies[outcome.config.name] = float(outcome.test_accuracy)
 
-    with tempfile.TemporaryDirectory(prefix="bench-models-") as model_dir:
-        run_configs(
-            grid(epochs, BATCH_SIZE, LEARNING_RATE, SEED),
-            data_path,
-            on_epoch=lambda config, epoch, metrics: None,
-            on_done=on_done,
-            model_dir=model_dir,
-        )
+    run_configs(
+        grid(epochs, BATCH_SIZE, LEARNING_RATE, SEED),
+        data_path,
+        on_epoch=lambda config, epoch, metrics: None,
+        on_done=on_done,
+    )
     return {"test_accuracy": accuracies}
 
 

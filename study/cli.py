@@ -1,7 +1,9 @@
 """Command line: `python -m study main|train ...`, the same entry points as MLproject.
 
 Inputs are validated here, before any run starts or any data is trained on: a user's mistake is one
-line on stderr and exit code 2, never a traceback and never a run left RUNNING.
+line on stderr and exit code 2, never a traceback and never a run left RUNNING. (The tracking store is
+checked while `main`'s workers start training: if it can't be reached they are stopped, with the same
+one line and exit code, before any run is created.)
 """
 
 from __future__ import annotations
@@ -192,9 +194,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             for config in grid(args.epochs, args.batch_size, args.learning_rate, args.seed)
             for offset in range(args.seeds)
         ]
-        # The training processes start now: they import Keras and read the data while MLflow is set up here.
+        # The training processes start now and, unless finished runs may be reused (which needs the tracking
+        # store), begin training at once: MLflow's import and set-up here overlap the training instead of
+        # delaying it. A tracking store that can't be reached stops them within seconds, before any run exists.
         with Workers(args.workers or default_workers(len(configs)), args.data) as pool:
-            from tracking.pipeline import run_study
+            if args.resume != "true":
+                pool.start(configs)
+            with runtime.frozen_imports():
+                from tracking.pipeline import run_study
 
             run_study(
                 configs,
@@ -207,7 +214,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 resume=args.resume == "true",
             )
     elif args.command == "train":
-        from tracking.pipeline import run_single
+        with runtime.frozen_imports():
+            from tracking.pipeline import run_single
 
         config = TrainConfig(args.activation, args.loss, args.epochs, args.batch_size, args.learning_rate, args.seed)
         run_single(config, args.data, experiment=experiment)
@@ -381,7 +389,8 @@ def _dispatch_optimize(args: argparse.Namespace, experiment: str) -> None:
     )
     open_storage_or_explain(settings)  # an unreachable database is a usage error, before any run starts
     log.info("Optimizing %s in %s", ", ".join(settings.configs), hide_password(settings.storage))
-    from tracking.optimize import run_optimize
+    with runtime.frozen_imports():
+        from tracking.optimize import run_optimize
 
     runtime.use_compile_cache()  # trials of a configuration share one compiled model (study/runtime.py)
     run_optimize(settings, experiment=experiment)

@@ -101,14 +101,19 @@ class Workers:
     """Training processes, one per core: started ahead of the work, so that each imports Keras and reads the
     data while the caller sets up tracking: the two overlap instead of following each other.
 
-    `count` 1 means no processes: configurations train in the calling process. Use as a context manager;
-    leaving it stops the processes.
+    `start` hands them the configurations at once (the caller may still be importing MLflow); `run` starts
+    them if that was not done and collects their epochs and results. Saved models live in a temporary folder
+    until the processes stop. `count` 1 means no processes: configurations train in the calling process,
+    in `run`. Use as a context manager; leaving it stops the processes.
     """
 
     def __init__(self, count: int, data_source: str):
         self.count = count
         self.data_source = data_source
         self.pool = None
+        self.models = tempfile.TemporaryDirectory(prefix="mnist-models-")  # each Outcome.model_path is in here
+        self.started: list[TrainConfig] = []
+        self.tasks: list = []
         if count > 1:
             context = multiprocessing.get_context("spawn")
             self.messages = context.Queue()
@@ -129,26 +134,34 @@ class Workers:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
+        self.models.cleanup()
 
-    def run(
-        self, configs: Sequence[TrainConfig], on_epoch: EpochSink, on_done: DoneSink, model_dir: str | None = None
-    ) -> None:
+    def start(self, configs: Sequence[TrainConfig]) -> None:
+        """Queue the configurations for the worker processes now; `run` collects them (no-op without workers)."""
+        if self.pool is None or self.started:
+            return
+        self.started = list(configs)
+        self.tasks = [self.pool.apply_async(_work, (config, self.data_source, self.models.name)) for config in configs]
+
+    def run(self, configs: Sequence[TrainConfig], on_epoch: EpochSink, on_done: DoneSink) -> None:
         """Train every configuration; call `on_epoch` per epoch and `on_done` per result, in this process."""
-        model_dir = model_dir or tempfile.mkdtemp(prefix="mnist-models-")
         if self.pool is None:
             runtime.use_compile_cache()
             for config in configs:
                 interrupts.check()
-                on_done(train_one(config, self.data_source, model_dir, on_epoch))
+                on_done(train_one(config, self.data_source, self.models.name, on_epoch))
             return
-        pending = [self.pool.apply_async(_work, (config, self.data_source, model_dir)) for config in configs]
+        if not self.started:
+            self.start(configs)
+        elif self.started != list(configs):
+            raise ValueError("Workers.run: not the configurations given to start()")
         remaining = len(configs)
         while remaining:
             interrupts.check()
             try:
                 kind, payload = self.messages.get(timeout=0.2)
             except queue_module.Empty:
-                for task in pending:
+                for task in self.tasks:
                     if task.ready() and not task.successful():
                         task.get()  # re-raises the worker's exception here
                 continue
@@ -165,11 +178,11 @@ def run_configs(
     on_epoch: EpochSink,
     on_done: DoneSink,
     workers: int = 0,
-    model_dir: str | None = None,
 ) -> None:
-    """Train every configuration with `workers` processes (0 = one per core; 1 = in this process)."""
+    """Train every configuration with `workers` processes (0 = one per core; 1 = in this process).
+    The saved models are deleted on return: `on_done` is the place to use them."""
     with Workers(workers or default_workers(len(configs)), data_source) as pool:
-        pool.run(configs, on_epoch, on_done, model_dir)
+        pool.run(configs, on_epoch, on_done)
 
 
 _messages = None
@@ -185,7 +198,8 @@ def _init_worker(cores, messages, data_source: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.sched_setaffinity(0, {cores.get()})
     runtime.prepare_worker()
-    import study.training  # noqa: F401  (Keras and JAX)
+    with runtime.frozen_imports():
+        import study.training  # noqa: F401  (Keras and JAX)
 
     with contextlib.suppress(Exception):  # a bad file is reported by the first configuration, not here
         _preloaded[data_source] = load_raw(data_source)

@@ -37,7 +37,9 @@ def epochs_logged(database) -> int:
 def test_a_signal_to_the_process_group_ends_every_run_killed(tmp_path, small_mnist, signum, exit_code):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "MLFLOW_TRACKING_URI": uri}
-    command = [sys.executable, "-m", "study", "main", "--epochs", "200", "--data", str(small_mnist)]
+    # Enough epochs that no configuration can finish before the signal: the workers start training while the
+    # parent still sets up MLflow, and 3,000 images take ~0.03 s an epoch.
+    command = [sys.executable, "-m", "study", "main", "--epochs", "5000", "--data", str(small_mnist)]
     process = subprocess.Popen(
         [*command, "--workers", "2", "--registered-model", "none"],
         cwd=tmp_path,

@@ -172,3 +172,104 @@ def test_an_interrupted_run_keeps_its_buffered_epochs(tracking_uri):
             raise KeyboardInterrupt
     assert [metric.step for metric in client.get_metric_history(run_id, keys.VAL_ACCURACY)] == [1, 2, 3]
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+# --- Training starts before MLflow is set up; the logging process stays lean (study/runner.py, tracking/runs.py).
+
+
+def test_workers_train_from_start_without_waiting_for_run(small_mnist):
+    from study.runner import Workers
+
+    configs = [TrainConfig("relu", "hinge", epochs=1), TrainConfig("tanh", "crossentropy", epochs=1)]
+    epochs, outcomes = [], []
+    with Workers(2, str(small_mnist)) as workers:
+        workers.start(configs)
+        models = Path(workers.models.name)
+        deadline = time.monotonic() + 240
+        while len(list(models.glob("*.keras"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)  # nobody collects yet: the workers train on their own
+        assert sorted(path.name for path in models.glob("*.keras")) == [
+            "relu-hinge-seed0.keras",
+            "tanh-crossentropy-seed0.keras",
+        ]
+        with pytest.raises(ValueError, match="not the configurations given to start"):
+            workers.run(configs[:1], lambda *args: None, outcomes.append)
+
+        def on_done(outcome: Outcome) -> None:
+            model = keras.saving.load_model(outcome.model_path, safe_mode=True)  # usable while the pool is open
+            assert model.predict(np.zeros((1, 784), dtype=np.float32), verbose=0).shape == (1, 10)
+            outcomes.append(outcome)
+
+        workers.run(configs, lambda config, epoch, metrics: epochs.append((config.name, epoch)), on_done)
+    assert sorted(epochs) == [("relu-hinge", 1), ("tanh-crossentropy", 1)]  # queued epochs are delivered late
+    assert {outcome.config for outcome in outcomes} == set(configs)
+    assert all(outcome.test_accuracy > 0.5 for outcome in outcomes)
+    assert not models.exists()  # the saved models go with the pool
+
+
+def test_main_stops_its_workers_when_the_tracking_server_is_unreachable(small_mnist, tmp_path):
+    """`main` starts training before it checks the store: a dead server still ends in one line and exit code
+    2, and no worker process outlives the command."""
+    from conftest import run_cli
+
+    marker = f"workers-of-{tmp_path.name}"
+    started = time.monotonic()
+    result = run_cli(
+        "main", "--epochs", "1", "--data", str(small_mnist),
+        cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "TEST_MARKER": marker}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "error: tracking server http://127.0.0.1:9 is unreachable (<urlopen error [Errno 111] Connection refused>); "
+        "start it, or set MLFLOW_TRACKING_URI to a reachable server or to sqlite:///mlflow.db"
+    )
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+
+    def marked(pid: str) -> bool:
+        try:
+            return marker.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, or not ours
+            return False
+
+    def left() -> list[str]:
+        return [pid for pid in os.listdir("/proc") if pid.isdigit() and marked(pid)]
+
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == []
+
+
+def test_a_saved_keras_file_is_logged_as_the_same_model(tracking_uri, tmp_path):
+    import mlflow
+
+    from tracking.runs import SavedKerasModel, log_keras_file, pip_requirements
+
+    keras.utils.set_random_seed(3)
+    path = tmp_path / "worker.keras"
+    build_model(TrainConfig("sigmoid", "hinge")).save(path)
+    pixels = np.random.default_rng(0).random((5, 784), dtype=np.float32)
+    expected = keras.saving.load_model(path, safe_mode=True).predict(pixels, verbose=0)
+    experiment_id = MlflowClient().create_experiment("saved-file")  # not the process's last set_experiment
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = log_keras_file(path, pip_requirements())
+    assert info.flavors["keras"]["keras_backend"] == keras.backend.backend()
+    assert np.allclose(mlflow.keras.load_model(info.model_uri).predict(pixels, verbose=0), expected)
+    assert np.allclose(mlflow.pyfunc.load_model(info.model_uri).predict(pixels), expected)
+    with pytest.raises(TypeError, match="saved already"):
+        SavedKerasModel(path).save(str(tmp_path / "copy.keras"), zipped=False)
+
+
+def test_frozen_imports_pause_the_collector_and_freeze_what_was_loaded():
+    import gc
+
+    assert gc.isenabled()
+    try:
+        with runtime.frozen_imports():
+            assert not gc.isenabled()
+            import fractions  # noqa: F401  (anything)
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

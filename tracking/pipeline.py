@@ -39,8 +39,8 @@ def run_study(
 
     With one seed a child run is named `{activation}-{loss}`; with several, `{activation}-{loss}-seed{k}`.
     Each model is registered as a version of `registered_model` (None: not registered).
-    `pool`: training processes already started (the CLI starts them before importing MLflow); else `workers`
-    of them (0 = one per core) are started here.
+    `pool`: training processes already started (the CLI starts them, and hands them the configurations, before
+    importing MLflow); else `workers` of them (0 = one per core) are started here.
     """
     first = configs[0]
     settings = (
@@ -82,8 +82,8 @@ def run_study(
 def run_single(config: TrainConfig, data: str, experiment: str = keys.DEFAULT_EXPERIMENT) -> comparison.ConfigResult:
     """`train`: one configuration, logged into the top-level run itself (no parent)."""
     experiment_id = use_experiment(experiment)
-    with top_run(config.name, {keys.ENTRY_POINT_TAG: "train"}, experiment_id):
-        outcomes = _train_and_log([config], Workers(1, data), experiment_id, None, {config: config.name})
+    with top_run(config.name, {keys.ENTRY_POINT_TAG: "train"}, experiment_id), Workers(1, data) as training:
+        outcomes = _train_and_log([config], training, experiment_id, None, {config: config.name})
     result = _result_row(outcomes[0])
     print(comparison.results_table([result]))
     return result
@@ -121,8 +121,7 @@ def _train_and_log(
                 outcome.test_accuracy,
             )
 
-        with tempfile.TemporaryDirectory(prefix="mnist-models-") as model_dir:
-            workers.run(configs, on_epoch, on_done, model_dir=model_dir)
+        workers.run(configs, on_epoch, on_done)
     return [finished[config] for config in configs]
 
 

@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -468,15 +469,38 @@ class ConfigRuns:
         return unsynced.write(record, artifacts=artifacts, model_path=outcome.model_path)
 
     def log_model(self, run_id: str, model_path: str) -> mlflow.models.model.ModelInfo:
-        model = keras.saving.load_model(model_path, safe_mode=True)
         nested = self.parent_run_id is not None
         with mlflow.start_run(run_id=run_id, nested=nested) if nested else contextlib.nullcontext():
-            return mlflow.keras.log_model(
-                model,
-                name=keys.MODEL_NAME,
-                signature=MODEL_SIGNATURE,
-                pip_requirements=self.requirements,
-            )
+            return log_keras_file(model_path, self.requirements)
+
+
+class SavedKerasModel:
+    """A model a worker already saved as a native .keras file, for `mlflow.keras.log_model` to log as it is.
+
+    MLflow's Keras flavor writes the model with `model.save(path)` and asks nothing else of it
+    (mlflow/keras/save.py, MLflow 3.17). Copying the worker's file gives the same model as loading it and saving
+    it again, without starting JAX and rebuilding the model in the logging process: ~1.7 s of CPU for the first
+    model and ~0.1 s for each next one, taken from the workers (benchmarks/README.md, tracking overhead).
+    Tests load every logged model back with `mlflow.keras.load_model` and `mlflow.pyfunc.load_model`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def save(self, target: str, **options: object) -> None:
+        if options:
+            raise TypeError(f"SavedKerasModel.save: the file is saved already; options {sorted(options)} can't apply")
+        shutil.copyfile(self.path, target)
+
+
+def log_keras_file(model_path: str | Path, requirements: list[str]) -> mlflow.models.model.ModelInfo:
+    """The native .keras file as the active run's MLflow model (Keras flavor, signature, pinned requirements)."""
+    return mlflow.keras.log_model(
+        SavedKerasModel(model_path),
+        name=keys.MODEL_NAME,
+        signature=MODEL_SIGNATURE,
+        pip_requirements=requirements,
+    )
 
 
 def _params(config: TrainConfig) -> list[mlflow.entities.Param]:

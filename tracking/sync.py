@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
-import keras
 import mlflow
 import numpy as np
 from mlflow.entities import Param, RunTag
@@ -31,7 +30,7 @@ from study.runner import Outcome
 from tracking import keys, unsynced
 from tracking.registry import register_outcome
 from tracking.reliability import RetryingClient, is_unreachable, redact, scrub, short
-from tracking.runs import MODEL_SIGNATURE, check_tracking_store, pip_requirements
+from tracking.runs import check_tracking_store, log_keras_file, pip_requirements
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,8 @@ def upload(folder: Path) -> str:
 
 def _log_model(run_id: str, model_file: Path) -> str:
     """The native .keras file as the run's MLflow model, exactly as `main` logs it; returns the model id."""
-    model = keras.saving.load_model(model_file, safe_mode=True)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.keras.log_model(
-            model, name=keys.MODEL_NAME, signature=MODEL_SIGNATURE, pip_requirements=pip_requirements()
-        )
-    return info.model_id
+        return log_keras_file(model_file, pip_requirements()).model_id
 
 
 def _register(record: unsynced.Record, folder: Path) -> None:
