@@ -403,6 +403,7 @@ class Settings:
     throughput_epochs: int
     matmul_size: int
     output: Path
+    overhead_pairs: int = 1  # study/untracked pairs behind the tracking overhead (their medians)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -531,11 +532,13 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
                 MNIST_STUDY_CACHE=str(workdir / "study" / "compile-cache"),
             ),
         )
-    measure(
-        "untracked",
-        [sys.executable, script, "--no-tracking", "--data", data, "--epochs", epochs],
-        child_env(),
-    )
+    untracked_command = [sys.executable, script, "--no-tracking", "--data", data, "--epochs", epochs]
+    measure("untracked", untracked_command, child_env())
+    # The overhead is a small difference between two noisy wall times: more pairs, alternating, and their medians.
+    for pair in range(2, settings.overhead_pairs + 1):
+        measure(f"untracked_{pair}", untracked_command, child_env())
+        store = f"sqlite:///{workdir / f'study_{pair}' / 'mlflow.db'}"
+        measure(f"study_{pair}", [*study_command, "--data", data], child_env(MLFLOW_TRACKING_URI=store))
     measure(
         "throughput",
         [
@@ -560,7 +563,13 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
     untracked = measured["untracked"]
     throughput = children["throughput"]
     ratio = round(study.seconds / baseline.seconds, 4) if baseline else None
-    overhead = round((study.seconds - untracked.seconds) / study.seconds, 4)
+    pairs = [(study.seconds, untracked.seconds)] + [
+        (measured[f"study_{pair}"].seconds, measured[f"untracked_{pair}"].seconds)
+        for pair in range(2, settings.overhead_pairs + 1)
+    ]
+    with_tracking = round(float(np.median([pair[0] for pair in pairs])), 2)
+    without_tracking = round(float(np.median([pair[1] for pair in pairs])), 2)
+    overhead = round((with_tracking - without_tracking) / with_tracking, 4)
     batch_128 = throughput["batch"]["128"]["fraction_of_peak"]
     names = config_names()
     results = {
@@ -586,10 +595,15 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
             for name in names
         },
         "tracking_overhead": {
-            "with_tracking_seconds": study.seconds,
-            "without_tracking_seconds": untracked.seconds,
+            "with_tracking_seconds": with_tracking,
+            "without_tracking_seconds": without_tracking,
             "overhead": overhead,
-            "how": "(with - without) / with; without = study.runner.run_configs with no-op sinks (--no-tracking)",
+            "pairs": [{"with_tracking_seconds": pair[0], "without_tracking_seconds": pair[1]} for pair in pairs],
+            "how": (
+                "(with - without) / with, from the medians of the pairs' wall times (the first pair is `study` and "
+                "`untracked`; the others alternate untracked, study); without = study.runner.run_configs with "
+                "no-op sinks (--no-tracking)"
+            ),
         },
         "throughput": {
             "flops_per_image": FLOPS_PER_IMAGE,
@@ -643,14 +657,17 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
 def summary(results: dict) -> str:
     wall = results["wall_seconds"]
     cpu = results["cpu_seconds"]
+    overhead = results["tracking_overhead"]
+    pairs = [f"{pair['with_tracking_seconds']} / {pair['without_tracking_seconds']}" for pair in overhead["pairs"]]
     lines = [
         f"Six configurations x {results['epochs']} epochs, batch {results['batch_size']}"
         + (" (smoke: 3,000-image slice)" if results["smoke"] else ""),
         f"  baseline (plain Keras/TF, autolog): {wall['baseline']} s wall, {cpu.get('baseline')} s CPU",
         f"  study (python -m study main):       {wall['study']} s wall, {cpu['study']} s CPU",
         f"  ratio study/baseline:               {results['ratio_study_to_baseline']}",
-        f"  study without tracking:             {wall['study_without_tracking']} s wall, {cpu['untracked']} s CPU "
-        f"(tracking overhead {results['tracking_overhead']['overhead']:.1%})",
+        f"  study without tracking:             {wall['study_without_tracking']} s wall, {cpu['untracked']} s CPU",
+        f"  tracking overhead:                  {overhead['overhead']:.1%} (medians of {len(pairs)} pairs, "
+        f"with / without: {', '.join(pairs)})",
         f"  study rerun (compiled code cached): {wall['study_rerun']} s wall, {cpu.get('study_rerun')} s CPU",
         f"  load average before/after:          {results['machine']['load_average_before']} / "
         f"{results['machine']['load_average_after']}",
@@ -692,6 +709,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="JSON file (benchmarks/results-<epochs>.json)")
     parser.add_argument("--throughput-epochs", type=int, default=None, help="epochs per throughput run (3)")
     parser.add_argument("--matmul-size", type=int, default=None, help="matrix size for the matmul peak (2048)")
+    parser.add_argument(
+        "--overhead-pairs", type=int, default=None, help="study/untracked pairs for the tracking overhead (3; smoke 1)"
+    )
     parser.add_argument("--child", choices=("baseline", "throughput"), help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-models", type=int, default=len(config_names()), help=argparse.SUPPRESS)
@@ -708,6 +728,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("throughput_epochs: must be >= 2 (epoch 1 includes compilation and is not timed)")
     if args.matmul_size is None:
         args.matmul_size = 1024 if args.smoke else 2048
+    if args.overhead_pairs is None:
+        args.overhead_pairs = 1 if args.smoke else 3
+    if args.overhead_pairs < 1:
+        parser.error(f"overhead_pairs: {args.overhead_pairs} is out of range; must be >= 1")
     return args
 
 
@@ -742,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         skip_baseline=args.skip_baseline,
         throughput_epochs=args.throughput_epochs,
         matmul_size=args.matmul_size,
+        overhead_pairs=args.overhead_pairs,
         output=args.output or BENCHMARKS / ("results-smoke.json" if args.smoke else f"results-{args.epochs}.json"),
     )
     results = run_benchmark(settings)

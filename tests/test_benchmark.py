@@ -66,6 +66,9 @@ def test_smoke_times_and_accuracies(smoke: tuple[dict, str]) -> None:
         (overhead["with_tracking_seconds"] - overhead["without_tracking_seconds"]) / overhead["with_tracking_seconds"],
         abs=1e-3,
     )
+    assert overhead["pairs"] == [
+        {"with_tracking_seconds": wall["study"], "without_tracking_seconds": wall["study_without_tracking"]}
+    ]  # one pair in smoke mode: its medians are its own times
     assert "ratio study/baseline" in stdout and "Written:" in stdout
 
 
