@@ -81,6 +81,11 @@ def test_smoke_throughput_peak_and_memory(smoke: tuple[dict, str]) -> None:
     assert throughput["backend"] == "jax"
     peak = results["matmul_peak"]
     assert positive(peak["gflops_one_core"]) and positive(peak["gflops_all_cores"])
+    # the larger of the peak in this environment and with OpenBLAS's own kernel choice (no OPENBLAS_CORETYPE)
+    both = (peak["gflops_one_core_this_environment"], peak["gflops_one_core_openblas_default"])
+    assert peak["gflops_one_core"] == max(both)
+    default_environment = peak["numpy_config_openblas_default_process"]["environment"]
+    assert default_environment["OPENBLAS_CORETYPE"] is None and default_environment["OPENBLAS_L2_SIZE"] is None
     assert peak["numpy_config_one_core_process"]["threadpools"], "threadpoolctl found no BLAS"
     assert "OPENBLAS_CORETYPE" in peak["numpy_config_benchmark_process"]["environment"]
     assert set(throughput["batch"]) == {"32", "128"}
