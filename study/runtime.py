@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.abc
 import logging
 import os
 import platform
@@ -43,15 +44,32 @@ def backend() -> str:
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
-def block_imports(names: tuple[str, ...]) -> None:
-    """Make `import name` raise ImportError in this process, as if the package were not installed.
+class _Blocker(importlib.abc.MetaPathFinder):
+    """First on `sys.meta_path`: for a blocked package, `import` raises ModuleNotFoundError."""
 
-    Python's own mechanism (a None entry in sys.modules); Keras treats these packages as optional. A package
-    that is already imported is left alone.
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname.partition(".")[0] in self.names:
+            message = f"No module named {fullname!r} (not loaded in this process: study/runtime.py)"
+            raise ModuleNotFoundError(message, name=fullname)
+        return None
+
+
+_BLOCKER = _Blocker()
+
+
+def block_imports(names: tuple[str, ...]) -> None:
+    """Make `import name` raise ModuleNotFoundError in this process, as if the package were not installed.
+
+    Keras treats these packages as optional. A finder, not a None entry in sys.modules: libraries ask
+    `name in sys.modules` to learn whether a package is in use (MLflow does for TensorFlow on every metric
+    value that is not a float), and a None entry would answer yes. A package already imported is left alone.
     """
-    for name in names:
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]
+    _BLOCKER.names.update(name for name in names if name not in sys.modules)
+    if _BLOCKER not in sys.meta_path:
+        sys.meta_path.insert(0, _BLOCKER)
 
 
 def skip_unused_imports() -> None:

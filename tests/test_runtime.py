@@ -105,6 +105,32 @@ def test_a_cache_folder_that_cannot_be_made_is_a_warning_not_an_error(monkeypatc
     assert "Compiled-code cache off" in caplog.text and runtime.CACHE_ENV in caplog.text
 
 
+def test_a_blocked_package_is_absent_not_a_none_entry(tmp_path):
+    """Blocked TensorFlow can't be imported, and MLflow, which asks sys.modules whether TensorFlow is in use,
+    still logs a NumPy metric value (with a None entry in sys.modules it tried to import TensorFlow and failed)."""
+    script = f"""
+import sys
+import numpy as np
+from study import runtime
+runtime.skip_unused_imports()
+try:
+    import tensorflow
+except ModuleNotFoundError as error:
+    print("blocked:", error.name)
+assert "tensorflow" not in sys.modules
+from mlflow.tracking import MlflowClient
+client = MlflowClient("sqlite:///{tmp_path / "mlflow.db"}")
+run = client.create_run(client.create_experiment("numpy-metric"))
+client.log_metric(run.info.run_id, "test_accuracy", np.float64(0.975))
+print("logged:", client.get_run(run.info.run_id).data.metrics["test_accuracy"])
+"""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    env.pop("KERAS_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["blocked:", "tensorflow", "logged:", "0.975"]
+
+
 def test_tensorflow_stays_importable_when_it_is_the_backend():
     script = "from study import runtime; runtime.skip_unused_imports(); import keras; print(keras.backend.backend())"
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "KERAS_BACKEND": "tensorflow"}
