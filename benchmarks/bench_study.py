@@ -528,18 +528,7 @@ def run_benchmark(settings: Settings) -> dict[str, object]:
     if not settings.smoke:  # the same study again with the first one's compiled code: a rerun, another seed
         measure(
             "study_rerun",
-            [
-                sys.executable,
-                "-m",
-                "study",
-                "main",
-                "--epochs",
-                epochs,
-                "--batch-size",
-                str(BATCH_SIZE),
-                "--data",
-                data,
-            ],
+            [*study_command, "--data", data],
             child_env(
                 MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'study_rerun' / 'mlflow.db'}",
                 MNIST_STUDY_CACHE=str(workdir / "study" / "compile-cache"),

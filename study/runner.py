@@ -108,7 +108,6 @@ class Workers:
     """
 
     def __init__(self, count: int, data_source: str):
-        self.count = count
         self.data_source = data_source
         self.pool = None
         self.models = tempfile.TemporaryDirectory(prefix="mnist-models-")  # each Outcome.model_path is in here
@@ -197,9 +196,9 @@ def _init_worker(cores, messages, data_source: str) -> None:
     # the pool. SIGTERM keeps its default here, since that is how the pool stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.sched_setaffinity(0, {cores.get()})
-    runtime.prepare_worker()
     with runtime.frozen_imports():
-        import study.training  # noqa: F401  (Keras and JAX)
+        runtime.prepare_worker()  # imports JAX (its compile cache)
+        import study.training  # noqa: F401  (Keras)
 
     with contextlib.suppress(Exception):  # a bad file is reported by the first configuration, not here
         _preloaded[data_source] = load_raw(data_source)
